@@ -1,0 +1,875 @@
+"""The FineTuneJob API: the single source of truth.
+
+Every field has a description, a constraint and a camelCase alias. The CRD (`kubetune crd`), the
+manifest reference (docs/api.md) and the trainer's config all come from these models.
+
+Cross-field rules raise ``ValueError("<relative.path>: <message>")``; :func:`format_errors`
+turns that prefix into the full camelCase field path a user can find in their manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["kubetune"]
+
+# Names of children are "<name>" plus short suffixes; Job names must stay label-safe (63).
+MAX_NAME_LENGTH = 52
+
+# A storage location: s3://bucket[/prefix], file:///abs/path, or a plain path (local mode).
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|[^:]+)$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+MODULE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+
+# Metrics the evaluator reports for both base and tuned models (and their delta).
+EvalMetric = Literal["loss", "perplexity", "tokenAccuracy", "exactMatch", "rougeL"]
+EVAL_METRICS: tuple[EvalMetric, ...] = (
+    "loss",
+    "perplexity",
+    "tokenAccuracy",
+    "exactMatch",
+    "rougeL",
+)
+SAFETY_METRICS = (
+    "toxicityRate",
+    "meanToxicity",
+    "refusalRate",
+    "oodPerplexity",
+    "latencyP50Ms",
+    "latencyP95Ms",
+    "generationTokensPerSecond",
+)
+# Only meaningful as a comparison: tuned / base.
+RATIO_METRICS = ("oodPerplexityRatio",)
+GATE_METRIC_PATTERN = (
+    r"^((base|tuned|delta)\.("
+    + "|".join(EVAL_METRICS + SAFETY_METRICS)
+    + r")|delta\.("
+    + "|".join(RATIO_METRICS)
+    + r"))$"
+)
+
+Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=URI_PATTERN)]
+Quantity = Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY_PATTERN)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+Label = Annotated[str, StringConstraints(max_length=63)]
+ModuleName = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=MODULE_NAME_PATTERN)
+]
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase aliases, unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as the API server stores it: camelCase, no unset optionals."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _cel(*rules: tuple[str, str]) -> ConfigDict:
+    """Attach CEL rules (x-kubernetes-validations) to a model's CRD schema."""
+    validations: list[JsonValue] = [{"rule": rule, "message": message} for rule, message in rules]
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": validations})
+
+
+# --------------------------------------------------------------------------------------------
+# spec.model
+
+
+class ModelSpec(ApiModel):
+    source: Uri = Field(
+        description="Where the base model lives: a folder with config.json, tokenizer files and "
+        "safetensors weights. s3://bucket/prefix, file:///path, or a local path.",
+    )
+    revision: Annotated[str, StringConstraints(max_length=128)] | None = Field(
+        default=None,
+        description="The model version you mean (commit, tag or your own label). Recorded in "
+        "the reproducibility record; when the model folder has a kubetune-revision file, the "
+        "run fails if it differs.",
+    )
+    trustRemoteCode: bool = Field(
+        default=False,
+        description="Allow Python code shipped with the model to run. Off by default: enable "
+        "only for models you trust.",
+    )
+    license: Annotated[str, StringConstraints(max_length=128)] | None = Field(
+        default=None,
+        description="The base model's license (SPDX id or name), recorded in the report.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spec.dataset
+
+
+class LicenseSpec(ApiModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(
+        description="The dataset's license: an SPDX identifier such as CC-BY-4.0 or Apache-2.0, "
+        "or the name of your own agreement.",
+    )
+    usage: Literal["commercial", "research", "internal", "evaluation"] = Field(
+        description="What the tuned model will be used for. A non-commercial license with "
+        "commercial usage is refused; the operator's allow-list can refuse others.",
+    )
+    attestedBy: Annotated[str, StringConstraints(max_length=253)] | None = Field(
+        default=None,
+        description="Who checked the license terms (a person or team); recorded in the report.",
+    )
+    url: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
+        default=None, description="Where the license text can be read."
+    )
+
+
+class SplitSpec(ApiModel):
+    model_config = _cel(
+        (
+            "!has(self.validation) || !has(self.test) || self.validation + self.test < 0.9",
+            "split: validation + test must leave at least 10% of the rows for training",
+        ),
+    )
+
+    validation: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=0.5,
+        description="Fraction of rows held out for evaluation during training (ignored when "
+        "validationSource is set).",
+    )
+    test: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=0.5,
+        description="Fraction of rows held out for the final base-vs-tuned comparison (ignored "
+        "when testSource is set).",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="Salt of the split hash. Rows are assigned by hashing their stable key, so "
+        "adding rows never moves existing ones between splits.",
+    )
+    validationSource: Uri | None = Field(
+        default=None, description="An explicit validation file instead of a fraction."
+    )
+    testSource: Uri | None = Field(
+        default=None, description="An explicit test file instead of a fraction."
+    )
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> SplitSpec:
+        held = (0.0 if self.validationSource else self.validation) + (
+            0.0 if self.testSource else self.test
+        )
+        if held >= 0.9:
+            raise ValueError(
+                f"validation: validation + test = {held:g} leaves less than 10% of the rows "
+                "for training; lower the fractions"
+            )
+        return self
+
+
+class DatasetSpec(ApiModel):
+    source: Uri = Field(
+        description="The training data: a .jsonl, .json, .csv or .parquet file (s3:// or a path)."
+    )
+    format: Literal["auto", "alpaca", "chat", "prompt-completion"] = Field(
+        default="auto",
+        description="Row schema. alpaca: instruction/input/output; chat: messages[] with "
+        "role/content; prompt-completion: prompt/completion; auto: detected from the first row.",
+    )
+    fieldMap: dict[Annotated[str, StringConstraints(max_length=64)], ShortText] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Rename your columns to the format's names, e.g. {instruction: question, "
+        "output: answer}: keys are the format's field names, values are your column names.",
+    )
+    license: LicenseSpec = Field(
+        description="The dataset's license and intended use. Required: a job without a "
+        "declared license does not run.",
+    )
+    split: SplitSpec = Field(
+        default_factory=SplitSpec, description="How rows are split into train/validation/test."
+    )
+    maxSeqLength: int = Field(
+        default=1024,
+        ge=16,
+        le=131072,
+        description="Longest tokenized sample; longer samples are truncated and counted in "
+        "the report.",
+    )
+    maxInvalidFraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of rows that may fail validation before the job fails. 0: any "
+        "malformed row fails the job, with its row number and reason.",
+    )
+    trainOnPrompt: bool = Field(
+        default=False,
+        description="Also compute the loss on prompt tokens. Off: loss on completion tokens only.",
+    )
+
+    @field_validator("fieldMap")
+    @classmethod
+    def _known_targets(cls, value: dict[str, str]) -> dict[str, str]:
+        known = {
+            "instruction",
+            "input",
+            "output",
+            "messages",
+            "prompt",
+            "completion",
+            "id",
+            "role",
+            "content",
+        }
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown target field(s) {unknown}; keys must be one of {sorted(known)}"
+            )
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# spec.method
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class LoraSpec(ApiModel):
+    r: int = Field(default=16, gt=0, le=1024, description="LoRA rank.")
+    alpha: int = Field(default=32, gt=0, le=4096, description="LoRA scaling (alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on LoRA inputs.")
+    targetModules: list[ModuleName] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt (suffix match), or [all-linear] for every linear "
+        "layer except the output head. Unknown names fail with the model's module names.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        default="none", description="Which biases are trained."
+    )
+
+
+class QuantizationSpec(ApiModel):
+    bits: Literal[4, 8] = Field(
+        default=4, description="Weight bits for the frozen base (bitsandbytes)."
+    )
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    doubleQuant: bool = Field(
+        default=True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
+    computeDtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Dtype of the matmuls; auto: bfloat16 on GPU, float32 on CPU."
+    )
+
+
+class MethodSpec(ApiModel):
+    model_config = _cel(
+        (
+            "self.type == 'qlora' || !has(self.quantization)",
+            "method.quantization is only used with type qlora",
+        ),
+        ("self.type != 'full' || !has(self.lora)", "method.lora is not used with type full"),
+    )
+
+    type: Literal["lora", "qlora", "full"] = Field(
+        default="lora",
+        description="lora: train small adapters (fast, small output); qlora: LoRA on a 4/8-bit "
+        "frozen base (least memory); full: update every weight (most memory, most capacity).",
+    )
+    lora: LoraSpec | None = Field(
+        default=None, description="LoRA settings (lora and qlora); defaults apply when omitted."
+    )
+    quantization: QuantizationSpec | None = Field(
+        default=None, description="Quantization of the frozen base (qlora only; default 4-bit nf4)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodSpec:
+        if self.type != "qlora" and self.quantization is not None:
+            raise ValueError(f"quantization: only applies to type qlora, not {self.type}")
+        if self.type == "full" and self.lora is not None:
+            raise ValueError("lora: does not apply to type full (no adapter is trained)")
+        if self.type in ("lora", "qlora") and self.lora is None:
+            self.lora = LoraSpec()
+        if self.type == "qlora" and self.quantization is None:
+            self.quantization = QuantizationSpec()
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# spec.training
+
+
+class EarlyStoppingSpec(ApiModel):
+    patience: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Stop after this many evaluations without improvement.",
+    )
+    metric: Literal["evalLoss"] = Field(
+        default="evalLoss", description="Metric to watch (lower is better)."
+    )
+    minDelta: float = Field(
+        default=0.0, ge=0.0, description="Smallest decrease that counts as an improvement."
+    )
+
+
+class TrainingSpec(ApiModel):
+    model_config = _cel(
+        ("has(self.epochs) || has(self.maxSteps)", "training: set epochs or maxSteps"),
+    )
+
+    epochs: float | None = Field(
+        default=None, gt=0, le=1000, description="Passes over the training split."
+    )
+    maxSteps: int | None = Field(
+        default=None,
+        gt=0,
+        le=10_000_000,
+        description="Optimizer steps to run; wins over epochs when both are set.",
+    )
+    learningRate: float = Field(
+        default=2e-4, gt=0, le=1.0, description="Peak learning rate (AdamW)."
+    )
+    batchSize: int = Field(
+        default=8, ge=1, le=4096, description="Samples per device per micro-batch."
+    )
+    gradientAccumulationSteps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
+    weightDecay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    warmupRatio: float = Field(
+        default=0.03, ge=0.0, lt=1.0, description="Fraction of steps with a linear warmup."
+    )
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    maxGradNorm: float = Field(default=1.0, gt=0, le=1000, description="Gradient clipping norm.")
+    seed: int = Field(
+        default=42, ge=0, le=2**31 - 1, description="Seed for every random generator."
+    )
+    packing: bool = Field(
+        default=True,
+        description="Pack samples into rows with position_ids and no cross-sample attention: no "
+        "padding waste, same results as unpacked.",
+    )
+    gradientCheckpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass to save memory."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="Training precision; auto: bf16 on GPU, fp32 on CPU."
+    )
+    evalEverySteps: int = Field(
+        default=50,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate on the validation split every N steps.",
+    )
+    checkpointEverySteps: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="Commit a resumable checkpoint every N steps (and on SIGTERM).",
+    )
+    keepCheckpoints: int = Field(
+        default=2, ge=1, le=100, description="Committed checkpoints to keep (newest first)."
+    )
+    earlyStopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop when the validation metric stops improving."
+    )
+
+    @model_validator(mode="after")
+    def _has_length(self) -> TrainingSpec:
+        if self.epochs is None and self.maxSteps is None:
+            raise ValueError("epochs: set training.epochs or training.maxSteps")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# spec.evaluation
+
+
+class ToxicitySpec(ApiModel):
+    enabled: bool = Field(default=True, description="Score generations for toxicity.")
+    classifierSource: Uri | None = Field(
+        default=None,
+        description="A Hugging Face sequence-classification model (folder or s3 prefix). "
+        "Without it a documented word-list scorer is used and the report says so.",
+    )
+    promptsSource: Uri | None = Field(
+        default=None,
+        description="Prompts to generate from (.jsonl with 'prompt' or .txt); a "
+        "small bundled set by default.",
+    )
+    threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Score above which a generation counts as toxic."
+    )
+
+
+class JailbreakSpec(ApiModel):
+    enabled: bool = Field(default=True, description="Measure the refusal rate on red-team prompts.")
+    promptsSource: Uri | None = Field(
+        default=None,
+        description="Red-team prompts (.jsonl with 'prompt' or .txt); bundled by default.",
+    )
+
+
+class OodSpec(ApiModel):
+    enabled: bool = Field(
+        default=True, description="Perplexity on out-of-domain text (forgetting)."
+    )
+    source: Uri | None = Field(
+        default=None,
+        description="Out-of-domain text (.txt or .jsonl with 'text'); bundled by default.",
+    )
+
+
+class LatencySpec(ApiModel):
+    enabled: bool = Field(default=True, description="Measure generation latency at batch size 1.")
+    samples: int = Field(default=8, ge=1, le=1000, description="Generations to time.")
+
+
+class SafetySpec(ApiModel):
+    toxicity: ToxicitySpec = Field(default_factory=ToxicitySpec, description="Toxicity eval.")
+    jailbreak: JailbreakSpec = Field(default_factory=JailbreakSpec, description="Jailbreak eval.")
+    ood: OodSpec = Field(default_factory=OodSpec, description="Out-of-distribution eval.")
+    latency: LatencySpec = Field(default_factory=LatencySpec, description="Latency eval.")
+
+
+class GateSpec(ApiModel):
+    metric: Annotated[str, StringConstraints(max_length=64)] = Field(
+        json_schema_extra={"pattern": GATE_METRIC_PATTERN},
+        description="base.<m>, tuned.<m> or delta.<m> with <m> one of "
+        + ", ".join(EVAL_METRICS + SAFETY_METRICS)
+        + "; or delta.oodPerplexityRatio (tuned / base).",
+    )
+    op: Literal[">=", ">", "<=", "<", "=="] = Field(description="Comparison.")
+    value: float = Field(description="Threshold.")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if not re.match(GATE_METRIC_PATTERN, value):
+            names = ", ".join(EVAL_METRICS + SAFETY_METRICS)
+            raise ValueError(
+                f"unknown metric {value!r}: use base.<m>, tuned.<m> or delta.<m> with <m> one of "
+                f"{names}; or delta.oodPerplexityRatio"
+            )
+        return value
+
+
+class EvaluationSpec(ApiModel):
+    compareToBase: bool = Field(
+        default=True, description="Also evaluate the base model on the test split, same code."
+    )
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: list(EVAL_METRICS),
+        max_length=5,
+        description="Held-out metrics to compute on the test split.",
+    )
+    maxNewTokens: int = Field(
+        default=64, ge=1, le=4096, description="Greedy generation length for exactMatch/rougeL."
+    )
+    maxSamples: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Cap on test rows evaluated (all by default)."
+    )
+    batchSize: int = Field(default=8, ge=1, le=1024, description="Evaluation batch size.")
+    safety: SafetySpec | None = Field(
+        default=None, description="Safety and robustness evals (off when omitted)."
+    )
+    gates: list[GateSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Promotion gates checked at the end; status condition GatesPassed.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spec.output, spec.storage
+
+
+class OutputSpec(ApiModel):
+    destination: Uri = Field(
+        description="Where checkpoints and artifacts go (s3://bucket/prefix or a path). A rerun "
+        "with the same destination resumes from the newest committed checkpoint.",
+    )
+    mergeAdapter: bool = Field(
+        default=False, description="Also save the base model with the adapter merged in."
+    )
+    mergedDtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Dtype of merged weights; auto: the base model's dtype."
+    )
+
+
+class S3Spec(ApiModel):
+    endpoint: (
+        Annotated[str, StringConstraints(max_length=2048, pattern=r"^https?://.+$")] | None
+    ) = Field(default=None, description="S3 endpoint URL (MinIO, Ceph, ...); AWS when omitted.")
+    region: Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z0-9-]+$")] | None = (
+        Field(default=None, description="Region name.")
+    )
+    credentialsSecret: (
+        Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)] | None
+    ) = Field(
+        default=None,
+        description="Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (and optional AWS_SESSION_TOKEN). Omit to use the pod's "
+        "identity (IRSA, workload identity). Values never appear in the spec or status.",
+    )
+    addressingStyle: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="Bucket addressing style."
+    )
+
+
+class StorageSpec(ApiModel):
+    s3: S3Spec = Field(default_factory=S3Spec, description="S3 client settings.")
+
+
+# --------------------------------------------------------------------------------------------
+# spec.resources, spec.scheduling, spec.runPolicy
+
+
+class Toleration(ApiModel):
+    key: Annotated[str, StringConstraints(max_length=316)] | None = Field(
+        default=None, description="Taint key."
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal."
+    )
+    value: Label | None = Field(default=None, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect."
+    )
+    tolerationSeconds: int | None = Field(default=None, ge=0, description="For NoExecute.")
+
+
+class ResourcesSpec(ApiModel):
+    model_config = _cel(
+        ("self.numNodes == 1 || self.gpus > 0", "resources: numNodes > 1 needs gpus > 0"),
+    )
+
+    gpus: int = Field(default=1, ge=0, le=16, description="GPUs per node (one process each).")
+    gpuResourceName: Annotated[str, StringConstraints(max_length=253)] = Field(
+        default="nvidia.com/gpu", description="Extended resource name of the GPU."
+    )
+    numNodes: int = Field(
+        default=1,
+        ge=1,
+        le=128,
+        description="Nodes for data-parallel training (an Indexed Job with a headless Service).",
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request per node, e.g. '8'.")
+    memory: Quantity | None = Field(default=None, description="Memory request per node, e.g. 64Gi.")
+    sharedMemory: Quantity = Field(
+        default="8Gi",
+        description="Size of /dev/shm (an in-memory emptyDir) for data loaders and NCCL.",
+    )
+    nodeSelector: dict[Annotated[str, StringConstraints(max_length=316)], Label] = Field(
+        default_factory=dict, description="Node labels the pod must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations for GPU node taints."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="A Kubernetes Affinity object, passed through to the pod."
+    )
+    image: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        default=None, description="Trainer image; the operator's default when omitted."
+    )
+    serviceAccountName: (
+        Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)] | None
+    ) = Field(
+        default=None,
+        description="Service account for cloud identity (e.g. IRSA). Its API token is never "
+        "mounted.",
+    )
+
+    @model_validator(mode="after")
+    def _multinode_gpus(self) -> ResourcesSpec:
+        if self.numNodes > 1 and self.gpus == 0:
+            raise ValueError("gpus: numNodes > 1 needs gpus > 0")
+        return self
+
+
+class SchedulingSpec(ApiModel):
+    queueName: (
+        Annotated[str, StringConstraints(max_length=63, pattern=DNS_LABEL_PATTERN)] | None
+    ) = Field(default=None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    priorityClassName: (
+        Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)] | None
+    ) = Field(default=None, description="PriorityClass of the trainer pods.")
+
+
+class RunPolicySpec(ApiModel):
+    backoffLimit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Pod failures to retry (each resumes from the last checkpoint). Preemption "
+        "and node disruption do not count; user errors fail at once.",
+    )
+    activeDeadlineSeconds: int | None = Field(
+        default=None, ge=1, description="Wall-clock limit of the whole job."
+    )
+    ttlSecondsAfterFinished: int | None = Field(
+        default=None, ge=0, description="Delete the finished Job (not the FineTuneJob) after this."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spec
+
+_IMMUTABLE = ("model", "dataset", "method", "training", "evaluation", "output")
+
+
+class FineTuneJobSpec(ApiModel):
+    model_config = _cel(
+        *[
+            (
+                f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+                f"spec.{f} is immutable: create a new FineTuneJob to change it",
+            )
+            for f in _IMMUTABLE
+        ]
+    )
+
+    model: ModelSpec = Field(description="The base model.")
+    dataset: DatasetSpec = Field(description="Training data, its license and its splits.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="lora, qlora or full.")
+    training: TrainingSpec = Field(description="Hyperparameters and cadence.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Held-out and safety evals, gates."
+    )
+    output: OutputSpec = Field(description="Where results go.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Storage clients.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute.")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Queueing.")
+    runPolicy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, limits.")
+    suspend: bool = Field(
+        default=False, description="Suspend the job (no pods); set back to false to resume."
+    )
+
+    @model_validator(mode="after")
+    def _cross(self) -> FineTuneJobSpec:
+        if self.method.type == "qlora" and self.training.precision == "fp16":
+            # bitsandbytes k-bit training with fp16 autocast diverges without loss scaling.
+            raise ValueError("training.precision: qlora supports auto, bf16 or fp32, not fp16")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# status
+
+
+class Condition(ApiModel):
+    type: Annotated[str, StringConstraints(max_length=64)] = Field(description="Condition type.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: Annotated[str, StringConstraints(max_length=128)] = Field(
+        default="", description="CamelCase reason."
+    )
+    message: Annotated[str, StringConstraints(max_length=4096)] = Field(
+        default="", description="Human-readable details."
+    )
+    lastTransitionTime: str | None = Field(
+        default=None, description="RFC 3339 time of the last change."
+    )
+    observedGeneration: int | None = Field(default=None, ge=0, description="Generation evaluated.")
+
+
+class Progress(ApiModel):
+    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
+    totalSteps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    percent: float | None = Field(default=None, ge=0, le=100, description="step / totalSteps in %.")
+    etaSeconds: int | None = Field(default=None, ge=0, description="Estimated seconds left.")
+    epoch: float | None = Field(default=None, ge=0, description="Epochs done (fractional).")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    evalLoss: float | None = Field(default=None, description="Latest validation loss.")
+    learningRate: float | None = Field(default=None, description="Current learning rate.")
+    tokensPerSecond: float | None = Field(default=None, ge=0, description="Training throughput.")
+    updatedAt: str | None = Field(default=None, description="When this was read from the trainer.")
+
+
+class Metrics(ApiModel):
+    base: dict[str, float] = Field(
+        default_factory=dict, description="Base model on the test split."
+    )
+    tuned: dict[str, float] = Field(
+        default_factory=dict, description="Tuned model on the test split."
+    )
+    delta: dict[str, float] = Field(
+        default_factory=dict, description="tuned - base (ratios for *Ratio)."
+    )
+
+
+class GateResult(ApiModel):
+    metric: str = Field(description="Gate metric.")
+    op: str = Field(description="Comparison.")
+    value: float = Field(description="Threshold.")
+    actual: float | None = Field(
+        default=None, description="Measured value (absent if not measured)."
+    )
+    passed: bool = Field(description="Whether the gate held.")
+
+
+class Artifacts(ApiModel):
+    adapter: str | None = Field(
+        default=None, description="LoRA adapter (PeftModel.from_pretrained)."
+    )
+    merged: str | None = Field(
+        default=None, description="Merged model (AutoModel.from_pretrained)."
+    )
+    model: str | None = Field(default=None, description="Fully fine-tuned model.")
+    tokenizer: str | None = Field(default=None, description="Tokenizer.")
+    report: str | None = Field(default=None, description="report.json.")
+    lossCurve: str | None = Field(default=None, description="Loss curve PNG.")
+    checkpoints: str | None = Field(default=None, description="Checkpoint prefix.")
+
+
+class Reproducibility(ApiModel):
+    dataHash: str | None = Field(default=None, description="sha256 of the dataset source bytes.")
+    splitHashes: dict[str, str] = Field(
+        default_factory=dict, description="sha256 of each split's row ids."
+    )
+    modelRevision: str | None = Field(default=None, description="Base model revision.")
+    modelHash: str | None = Field(
+        default=None, description="sha256 over the base model's weight files."
+    )
+    seed: int | None = Field(default=None, description="Training seed.")
+    configHash: str | None = Field(
+        default=None, description="sha256 of the resolved trainer config."
+    )
+    image: str | None = Field(default=None, description="Trainer image.")
+
+
+class FineTuneJobStatus(ApiModel):
+    phase: Literal["Pending", "Suspended", "Running", "Succeeded", "Failed"] | None = Field(
+        default=None, description="Summary for humans and printer columns."
+    )
+    observedGeneration: int | None = Field(
+        default=None, ge=0, description="Last spec generation acted on."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Detailed state.")
+    jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    startTime: str | None = Field(default=None, description="When training started.")
+    completionTime: str | None = Field(default=None, description="When the job finished.")
+    attempts: int | None = Field(default=None, ge=0, description="Pod attempts so far.")
+    message: str | None = Field(default=None, description="The latest human-readable message.")
+    progress: Progress | None = Field(default=None, description="Live training progress.")
+    metrics: Metrics | None = Field(default=None, description="Base vs tuned on the test split.")
+    gates: list[GateResult] = Field(default_factory=list, description="Gate results.")
+    artifacts: Artifacts | None = Field(default=None, description="Artifact URIs.")
+    reproducibility: Reproducibility | None = Field(
+        default=None, description="What makes it repeatable."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the resource and the trainer's config
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata kubetune reads; the rest is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[
+        str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN)
+    ]
+    namespace: (
+        Annotated[str, StringConstraints(max_length=63, pattern=DNS_LABEL_PATTERN)] | None
+    ) = None
+
+
+class FineTuneJob(ApiModel):
+    apiVersion: Literal["kubetune.io/v1alpha1"] = Field(description="kubetune.io/v1alpha1")
+    kind: Literal["FineTuneJob"] = Field(description="FineTuneJob")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="What to train.")
+    status: FineTuneJobStatus | None = Field(default=None, description="What happened.")
+
+
+class Policy(ApiModel):
+    """Platform policy the operator (or `kubetune run`) passes to the trainer."""
+
+    allowedLicenses: list[str] | None = Field(
+        default=None, description="Dataset licenses allowed (case-insensitive); None: any."
+    )
+
+
+class TrainerConfig(ApiModel):
+    """What the trainer reads (config.json in the Job's ConfigMap, or built by `kubetune run`)."""
+
+    name: str = Field(description="FineTuneJob name.")
+    namespace: str = Field(default="default", description="FineTuneJob namespace.")
+    uid: str | None = Field(default=None, description="FineTuneJob uid.")
+    image: str | None = Field(default=None, description="Trainer image, for the record.")
+    spec: FineTuneJobSpec = Field(description="The validated spec.")
+    policy: Policy = Field(default_factory=Policy, description="Platform policy.")
+
+
+# --------------------------------------------------------------------------------------------
+# errors a person can act on
+
+_REL_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*): (.*)$", re.S)
+
+
+def format_errors(error: ValidationError, prefix: Iterable[str | int] = ()) -> list[str]:
+    """One 'field.path: message' line per problem, in the manifest's camelCase names."""
+    lines = []
+    for item in error.errors():
+        path = [f"[{p}]" if isinstance(p, int) else p for p in (*prefix, *item["loc"])]
+        message = item["msg"]
+        if item["type"] == "value_error":
+            original = str(item.get("ctx", {}).get("error", ""))
+            match = _REL_PATH.match(original)
+            if match:
+                rel, message = match.groups()
+                path = [*path, *rel.split(".")]
+            else:
+                message = original or message
+        elif item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; fields are camelCase)"
+        dotted = ".".join(path).replace(".[", "[")
+        lines.append(f"{dotted or '<document>'}: {message}")
+    return lines
+
+
+def parse_job(document: Any) -> FineTuneJob:
+    """Validate one manifest document; raises pydantic.ValidationError."""
+    return FineTuneJob.model_validate(document)

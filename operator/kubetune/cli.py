@@ -1,0 +1,72 @@
+"""The `kubetune` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from kubetune import crd, manifests
+
+EXIT_OK, EXIT_INVALID = 0, 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    count = 0
+    for path in args.files:
+        loaded = manifests.load_file(path)
+        count += len(loaded.jobs)
+        problems += loaded.problems
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
+    print(f"{count} FineTuneJob(s) valid")
+    return EXIT_OK
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    sys.stdout.write(crd.crd_yaml())
+    return EXIT_OK
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    sys.stdout.write(crd.api_reference())
+    return EXIT_OK
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Fine-tune LLMs on Kubernetes or locally from one manifest."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check FineTuneJob manifests")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("crd", help="print the CustomResourceDefinition")
+    p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("docs", help="print the manifest reference (docs/api.md)")
+    p.set_defaults(func=cmd_docs)
+
+    # Commands that need heavy imports (torch, kopf) import them inside their function.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""kubetune_trainer: the containerized fine-tuning trainer (one module per stage)."""
