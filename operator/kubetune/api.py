@@ -873,3 +873,17 @@ def format_errors(error: ValidationError, prefix: Iterable[str | int] = ()) -> l
 def parse_job(document: Any) -> FineTuneJob:
     """Validate one manifest document; raises pydantic.ValidationError."""
     return FineTuneJob.model_validate(document)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer contract: shared by the trainer (which exits and serves) and the operator (which
+# renders the pod and reads the results)
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 10  # bad spec or data: retrying cannot help; the Job fails at once
+EXIT_INFRA_ERROR = 11  # storage, network, hardware: retried (counts against backoffLimit)
+EXIT_PREEMPTED = 12  # SIGTERM: a final checkpoint was committed; retried, not counted
+
+TRAINER_METRICS_PORT = 9400
+TERMINATION_LOG = "/dev/termination-log"
+CONFIG_FILE = "config.json"
