@@ -300,10 +300,13 @@ class QuantizationSpec(ApiModel):
 class MethodSpec(ApiModel):
     model_config = _cel(
         (
-            "self.type == 'qlora' || !has(self.quantization)",
+            "!has(self.quantization) || (has(self.type) && self.type == 'qlora')",
             "method.quantization is only used with type qlora",
         ),
-        ("self.type != 'full' || !has(self.lora)", "method.lora is not used with type full"),
+        (
+            "!has(self.type) || self.type != 'full' || !has(self.lora)",
+            "method.lora is not used with type full",
+        ),
     )
 
     type: Literal["lora", "qlora", "full"] = Field(
@@ -581,7 +584,10 @@ class Toleration(ApiModel):
 
 class ResourcesSpec(ApiModel):
     model_config = _cel(
-        ("self.numNodes == 1 || self.gpus > 0", "resources: numNodes > 1 needs gpus > 0"),
+        (
+            "!has(self.numNodes) || self.numNodes == 1 || !has(self.gpus) || self.gpus > 0",
+            "resources: numNodes > 1 needs gpus > 0",
+        ),
     )
 
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs per node (one process each).")
