@@ -36,6 +36,37 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from kubetune import api, render, settings
+
+    loaded = manifests.load_file(args.file)
+    for line in loaded.problems:
+        print(line, file=sys.stderr)
+    if loaded.problems:
+        return EXIT_INVALID
+    config = settings.from_env()
+    policy = api.Policy(allowedLicenses=config.allowed_licenses)
+    objects = []
+    for job in loaded.jobs:
+        if args.namespace:
+            job.metadata.namespace = args.namespace
+        image = args.image or config.trainer_image
+        objects += render.render(job, uid=args.uid, default_image=image, policy=policy).all()
+    sys.stdout.write(render.to_yaml(objects))
+    return EXIT_OK
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from kubetune import handlers, settings
+
+    try:
+        config = settings.from_env()
+    except settings.SettingsError as error:
+        print(f"kubetune operator: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    return handlers.run(config, namespace=args.namespace)
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -54,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("docs", help="print the manifest reference (docs/api.md)")
     p.set_defaults(func=cmd_docs)
+
+    p = sub.add_parser("render", help="print the Kubernetes objects the operator creates")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--namespace", help="namespace of the children (default: the manifest's)")
+    p.add_argument("--uid", help="FineTuneJob uid for owner references (default: none)")
+    p.add_argument("--image", help="trainer image when the spec has none")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    p.add_argument(
+        "--namespace",
+        default=None,
+        help="watch only this namespace (default: KUBETUNE_NAMESPACE; empty: all namespaces)",
+    )
+    p.set_defaults(func=cmd_operator)
 
     # Commands that need heavy imports (torch, kopf) import them inside their function.
     return parser

@@ -1,0 +1,268 @@
+"""kopf handlers: glue between the API server, render.py and status.py.
+
+- create/resume: validate, create the children (409 = already there), first status;
+- update of spec: suspend/resume the Job; any other change is ignored with a condition;
+- timer (per job, while not finished): Job + pods (from watch-fed indexes, no polling of the
+  API) + the trainer's /metrics -> st.compute -> one status patch when something changed;
+- delete: children go by owner reference; the operator only forgets the job's metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import kopf
+from pydantic import ValidationError
+
+from kubetune import api, k8s, metrics, render
+from kubetune import status as st
+from kubetune.settings import Settings
+
+RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+_STATUS_FIELDS = set(api.FineTuneJobStatus.model_fields)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _created(meta: Mapping[str, Any]) -> datetime | None:
+    stamp = meta.get("creationTimestamp")
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+
+
+def _stored_status(raw: Mapping[str, Any]) -> api.FineTuneJobStatus:
+    """The status as stored; unknown keys (another tool's) are ignored, not fatal."""
+    known = {k: v for k, v in raw.items() if k in _STATUS_FIELDS}
+    try:
+        return api.FineTuneJobStatus.model_validate(known)
+    except ValidationError:
+        return api.FineTuneJobStatus()
+
+
+def _parse(body: Mapping[str, Any]) -> api.FineTuneJob:
+    meta = body.get("metadata", {})
+    return api.parse_job(
+        {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+            "spec": body.get("spec", {}),
+        }
+    )
+
+
+def _write(patch: kopf.Patch, old: api.FineTuneJobStatus, new: api.FineTuneJobStatus) -> None:
+    changes = st.patch_for(old, new, now=_now(), min_progress_interval=0)
+    if changes:
+        patch.setdefault("status", {}).update(changes)
+
+
+def _announce(body: kopf.Body, old: api.FineTuneJobStatus, new: api.FineTuneJobStatus) -> None:
+    for event in st.transitions(old, new):
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _snapshot(body: kopf.Body) -> dict[str, Any]:
+    # Index values outlive the event that produced them: keep a plain copy, not kopf's view.
+    return {k: copy.deepcopy(dict(body.get(k) or {})) for k in ("metadata", "spec", "status")}
+
+
+class Operator:
+    """The handlers with their settings and API client; `register` wires them into kopf."""
+
+    def __init__(self, config: Settings, client: k8s.Client | None = None) -> None:
+        self.config = config
+        self.client = client or k8s.Client()
+        self.policy = api.Policy(allowedLicenses=config.allowed_licenses)
+        self._scraper: aiohttp.ClientSession | None = None
+
+    async def ensure_children(self, job: api.FineTuneJob, uid: str) -> render.Children:
+        children = render.render(
+            job, uid=uid, default_image=self.config.trainer_image, policy=self.policy
+        )
+        for obj in children.all():
+            try:
+                await self.client.create(obj)
+            except k8s.ApiError as error:
+                raise kopf.TemporaryError(
+                    f"cannot create {obj['kind']}: {error}", delay=10
+                ) from error
+        return children
+
+    async def reconcile(
+        self, *, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+        uid: str, name: str, namespace: str | None, **_: Any,
+    ) -> None:  # fmt: skip
+        """create and resume: validate, create children if missing, first status."""
+        namespace, generation = namespace or "default", meta.get("generation")
+        now, old = _now(), _stored_status(status)
+        with metrics.reconcile_timer("create"):
+            if old.phase in st.TERMINAL:
+                metrics.job_state(namespace, name, old.phase, None, _created(meta), now)
+                return
+            try:
+                job = _parse(body)
+            except ValidationError as error:
+                new = st.invalid(api.format_errors(error), generation=generation, now=now)
+            else:
+                children = await self.ensure_children(job, uid)
+                new = st.created(
+                    old,
+                    job_name=children.job["metadata"]["name"],
+                    suspended=job.spec.suspend,
+                    generation=generation,
+                    now=now,
+                )
+            _write(patch, old, new)
+            if new.phase == "Failed":
+                kopf.warn(body, reason=st.SPEC_INVALID, message=new.message or "")
+            elif old.phase is None:
+                kopf.info(body, reason=st.JOB_CREATED, message=new.message or "")
+            metrics.job_state(namespace, name, new.phase, None, _created(meta), now)
+
+    async def spec_changed(
+        self, *, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+        diff: kopf.Diff, new: Any, namespace: str | None, **_: Any,
+    ) -> None:  # fmt: skip
+        """spec.suspend toggles the Job; other changes are refused by the CRD (CEL) on a real
+        API server, and ignored here with a condition saying so."""
+        with metrics.reconcile_timer("update"):
+            old, generation = _stored_status(status), meta.get("generation")
+            changed = {".".join(str(p) for p in item[1]) or "spec" for item in diff}
+            if "suspend" in changed and old.jobName and old.phase not in st.TERMINAL:
+                suspend = bool((new or {}).get("suspend"))
+                await self.client.set_job_suspended(namespace or "default", old.jobName, suspend)
+                kopf.info(body, reason=st.JOB_SUSPENDED if suspend else st.JOB_RESUMED,
+                          message="Job suspended" if suspend else "Job resumed")  # fmt: skip
+            ignored = {f"spec.{field}" for field in changed - {"suspend"}}
+            updated = old.model_copy(update={"observedGeneration": generation})
+            if ignored:
+                updated = st.spec_change_ignored(
+                    updated, ignored, generation=generation, now=_now()
+                )
+                kopf.warn(body, reason=st.SPEC_IMMUTABLE, message=updated.message or "")
+            _write(patch, old, updated)
+
+    async def refresh(
+        self, *, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+        uid: str, name: str, namespace: str | None, **indexes: Any,
+    ) -> None:  # fmt: skip
+        """The per-job timer: recompute the status from the indexes and the trainer's /metrics."""
+        namespace = namespace or "default"
+        trainer_jobs: kopf.Index[Any, Any] = indexes["trainer_jobs"]
+        trainer_pods: kopf.Index[Any, Any] = indexes["trainer_pods"]
+        with metrics.reconcile_timer("refresh"):
+            try:
+                job = _parse(body)
+            except ValidationError:
+                return  # reconcile() already marked it Failed
+            key = (namespace, name)
+            found = list(trainer_jobs.get(key, []))
+            pods = list(trainer_pods.get(key, []))
+            now, old = _now(), _stored_status(status)
+            facts = st.pod_facts(pods)
+            live = None
+            if facts.running and facts.pod_ip:
+                text = await k8s.fetch_metrics(self.scraper(), facts.pod_ip, facts.metrics_port)
+                live = st.parse_trainer_metrics(text, now=now) if text else None
+            current = found[0] if found else await self.client.get_job(namespace, old.jobName or "")
+            if current is None:  # deleted by someone: make it again; the trainer resumes
+                await self.ensure_children(job, uid)
+            new = st.compute(previous=old, generation=meta.get("generation"), spec=job.spec,
+                             job=current, pods=pods, live=live, now=now)  # fmt: skip
+            changes = st.patch_for(
+                old, new, now=now, min_progress_interval=self.config.progress_min_interval
+            )
+            if changes:
+                patch.setdefault("status", {}).update(changes)
+                _announce(body, old, new)
+            metrics.job_state(namespace, name, new.phase, new.progress, _created(meta), now)
+
+    def scraper(self) -> aiohttp.ClientSession:
+        if self._scraper is None or self._scraper.closed:
+            self._scraper = aiohttp.ClientSession()
+        return self._scraper
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self._scraper is not None:
+            await self._scraper.close()
+
+
+def _not_finished(status: kopf.Status, **_: Any) -> bool:
+    return bool(status.get("jobName")) and status.get("phase") not in st.TERMINAL
+
+
+def register(config: Settings, client: k8s.Client | None = None) -> kopf.OperatorRegistry:
+    """A kopf registry with every handler of the operator."""
+    registry = kopf.OperatorRegistry()
+    op = Operator(config, client)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = f"{api.GROUP}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=api.GROUP, key="last-handled-configuration"
+        )
+        settings.peering.standalone = True  # one replica; no peering CRDs to install
+        settings.posting.enabled = True  # kopf.event() -> Kubernetes Events
+        settings.posting.level = logging.INFO
+        # Only our children, filtered by the API server rather than in memory.
+        settings.watching.label_selectors["batch", "v1", "jobs"] = render.CHILD_SELECTOR
+        settings.watching.label_selectors["v1", "pods"] = render.CHILD_SELECTOR
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        metrics.start_server(config.metrics_port)
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        await op.close()
+
+    @kopf.index("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT}, registry=registry)
+    def trainer_jobs(
+        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> Any:
+        return {(namespace, labels[render.LABEL_JOB]): _snapshot(body)}
+
+    @kopf.index("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=registry)
+    def trainer_pods(
+        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> Any:
+        return {(namespace, labels[render.LABEL_JOB]): _snapshot(body)}
+
+    kopf.on.create(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
+    kopf.on.resume(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
+    kopf.on.update(*RESOURCE, id="spec", field="spec", registry=registry)(op.spec_changed)
+    kopf.timer(*RESOURCE, id="refresh", interval=config.progress_interval, when=_not_finished,
+               registry=registry)(op.refresh)  # fmt: skip
+
+    @kopf.on.delete(*RESOURCE, registry=registry)
+    def deleted(*, namespace: str | None, name: str, **_: Any) -> None:
+        # Children (ConfigMap, Job, pods, Service) go by owner reference; artifacts stay.
+        metrics.job_deleted(namespace or "default", name)
+
+    return registry
+
+
+def run(config: Settings, namespace: str | None = None) -> int:
+    """`kubetune operator`: run until interrupted."""
+    kopf.configure(
+        verbose=False,
+        log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    watch = config.namespace if namespace is None else namespace
+    kopf.run(
+        registry=register(config),
+        standalone=True,
+        clusterwide=not watch,
+        namespaces=[watch] if watch else (),
+        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+    )
+    return 0

@@ -1,0 +1,623 @@
+"""Job + pods + trainer metrics + termination message -> FineTuneJob status (pure).
+
+No clock, env or API in here: callers pass ``now`` and the objects they read. Conditions follow
+the Kubernetes API conventions (type, status, reason, message, lastTransitionTime,
+observedGeneration); reasons are the constants below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from kubetune import api, render
+
+Phase = Literal["Pending", "Suspended", "Running", "Succeeded", "Failed"]
+TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+# Condition types.
+VALIDATED = "Validated"
+SUSPENDED = "Suspended"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+GATES_PASSED = "GatesPassed"
+SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+
+# Reasons (CamelCase, stable: alerts and scripts match on them).
+SPEC_VALID = "SpecValid"
+SPEC_INVALID = "SpecInvalid"
+JOB_CREATED = "JobCreated"
+JOB_SUSPENDED = "JobSuspended"
+JOB_RESUMED = "JobResumed"
+POD_PENDING = "PodPending"
+UNSCHEDULABLE = "Unschedulable"
+IMAGE_PULL_FAILED = "ImagePullBackOff"
+CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+TRAINER_RUNNING = "TrainerRunning"
+RETRYING = "Retrying"
+TRAINING_COMPLETE = "TrainingComplete"
+NOT_FINISHED = "NotFinished"
+FINISHED = "Finished"
+USER_ERROR = "UserError"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+JOB_FAILED = "JobFailed"
+JOB_MISSING = "JobMissing"
+ALL_GATES_PASSED = "AllGatesPassed"
+GATE_FAILED = "GateFailed"
+NO_GATES = "NoGates"
+NOT_EVALUATED = "NotEvaluated"
+SPEC_IMMUTABLE = "SpecImmutable"
+
+# Container waiting reasons worth surfacing while a job is Pending.
+_WAITING_REASONS = {
+    "ImagePullBackOff": IMAGE_PULL_FAILED,
+    "ErrImagePull": IMAGE_PULL_FAILED,
+    "InvalidImageName": IMAGE_PULL_FAILED,
+    "CreateContainerConfigError": CONTAINER_CONFIG_ERROR,
+    "CreateContainerError": CONTAINER_CONFIG_ERROR,
+}
+
+# Trainer Prometheus gauges -> Progress fields.
+_TRAINER_GAUGES = {
+    "kubetune_trainer_step": "step",
+    "kubetune_trainer_total_steps": "totalSteps",
+    "kubetune_trainer_loss": "loss",
+    "kubetune_trainer_eval_loss": "evalLoss",
+    "kubetune_trainer_learning_rate": "learningRate",
+    "kubetune_trainer_tokens_per_second": "tokensPerSecond",
+    "kubetune_trainer_epoch": "epoch",
+    "kubetune_trainer_eta_seconds": "etaSeconds",
+}
+_INT_FIELDS = {"step", "totalSteps", "etaSeconds"}
+
+MAX_MESSAGE = 1024
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# conditions
+
+
+def set_condition(
+    conditions: list[api.Condition],
+    type_: str,
+    status: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    *,
+    now: datetime,
+    generation: int | None,
+) -> list[api.Condition]:
+    """A new list with ``type_`` set; lastTransitionTime moves only when the status changes."""
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.lastTransitionTime if old is not None and old.status == status else None
+    new = api.Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=_clip(message),
+        lastTransitionTime=since or rfc3339(now),
+        observedGeneration=generation,
+    )
+    out = [c for c in conditions if c.type != type_]
+    out.append(new)
+    return sorted(out, key=lambda c: _ORDER.get(c.type, len(_ORDER)))
+
+
+_ORDER = {
+    t: i
+    for i, t in enumerate(
+        (VALIDATED, SUSPENDED, RUNNING, SUCCEEDED, FAILED, GATES_PASSED, SPEC_CHANGE_IGNORED)
+    )
+}
+
+
+def condition(status: api.FineTuneJobStatus, type_: str) -> api.Condition | None:
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+# --------------------------------------------------------------------------------------------
+# entry points for the handlers
+
+
+def invalid(errors: list[str], *, generation: int | None, now: datetime) -> api.FineTuneJobStatus:
+    """Status of a FineTuneJob whose spec the operator refuses: terminal, no children."""
+    message = "invalid spec: " + "; ".join(errors)
+    conditions = set_condition(
+        [], VALIDATED, "False", SPEC_INVALID, message, now=now, generation=generation
+    )
+    conditions = set_condition(
+        conditions, FAILED, "True", SPEC_INVALID, message, now=now, generation=generation
+    )
+    return api.FineTuneJobStatus(
+        phase="Failed",
+        observedGeneration=generation,
+        conditions=conditions,
+        completionTime=rfc3339(now),
+        message=_clip(message),
+    )
+
+
+def created(
+    previous: api.FineTuneJobStatus,
+    *,
+    job_name: str,
+    suspended: bool,
+    generation: int | None,
+    now: datetime,
+) -> api.FineTuneJobStatus:
+    """Status right after the children were created (or found after a restart)."""
+    conditions = set_condition(
+        previous.conditions,
+        VALIDATED,
+        "True",
+        SPEC_VALID,
+        "spec accepted",
+        now=now,
+        generation=generation,
+    )
+    phase: Phase = "Suspended" if suspended else "Pending"
+    message = f"Job {job_name} created" + (" (suspended)" if suspended else "")
+    conditions = set_condition(
+        conditions,
+        SUSPENDED,
+        "True" if suspended else "False",
+        JOB_SUSPENDED if suspended else JOB_CREATED,
+        message,
+        now=now,
+        generation=generation,
+    )
+    conditions = set_condition(
+        conditions,
+        RUNNING,
+        "False",
+        JOB_SUSPENDED if suspended else POD_PENDING,
+        message,
+        now=now,
+        generation=generation,
+    )
+    return previous.model_copy(
+        update={
+            "phase": previous.phase if previous.phase in TERMINAL else phase,
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "jobName": job_name,
+            "message": message if previous.phase not in TERMINAL else previous.message,
+        }
+    )
+
+
+def spec_change_ignored(
+    previous: api.FineTuneJobStatus, fields: Iterable[str], *, generation: int | None, now: datetime
+) -> api.FineTuneJobStatus:
+    names = ", ".join(sorted(set(fields))) or "spec"
+    message = (
+        f"spec change to {names} ignored: the job already started; create a new FineTuneJob "
+        "to change it (only spec.suspend can change)"
+    )
+    conditions = set_condition(
+        previous.conditions,
+        SPEC_CHANGE_IGNORED,
+        "True",
+        SPEC_IMMUTABLE,
+        message,
+        now=now,
+        generation=generation,
+    )
+    return previous.model_copy(update={"conditions": conditions, "message": message})
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer's live metrics
+
+
+def parse_trainer_metrics(text: str, *, now: datetime) -> api.Progress | None:
+    """Progress from the trainer's Prometheus exposition; None when nothing useful is in it."""
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            field = _TRAINER_GAUGES.get(family.name)
+            if field is None or not family.samples:
+                continue
+            value = family.samples[0].value
+            if math.isfinite(value):
+                values[field] = value
+    except (ValueError, TypeError, IndexError):
+        return None  # a half-written or foreign page: progress just stays as it was
+    if "step" not in values:
+        return None
+    fields: dict[str, Any] = {
+        k: (max(int(v), 0) if k in _INT_FIELDS else v) for k, v in values.items()
+    }
+    for key in ("tokensPerSecond", "epoch"):
+        if key in fields and fields[key] < 0:
+            del fields[key]
+    total = fields.get("totalSteps")
+    if total:
+        fields["percent"] = round(min(100.0, 100.0 * fields["step"] / total), 1)
+    fields["updatedAt"] = rfc3339(now)
+    return api.Progress(**fields)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer's final result
+
+
+def parse_termination_message(text: str | None) -> dict[str, Any] | None:
+    """The trainer's compact JSON result, or None for a missing or non-JSON message (a log tail
+    from FallbackToLogsOnError, for example)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What the pods of one Job say, reduced to what the status needs."""
+
+    running: bool = False  # a trainer container is running (index 0 for multi-node)
+    pod_ip: str | None = None  # where to scrape /metrics
+    metrics_port: int = api.TRAINER_METRICS_PORT
+    waiting_reason: str | None = None  # Unschedulable, ImagePullBackOff, ...
+    waiting_message: str = ""
+    last_failure: str | None = None  # "OOMKilled (exit 137)", "exit code 11", ...
+    last_exit_code: int | None = None
+    result: dict[str, Any] | None = None  # parsed termination message of the newest finished pod
+    result_text: str | None = None  # its raw text when not JSON (a log tail)
+    pods: int = 0
+
+
+def _trainer_state(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == render.CONTAINER:
+            return cs
+    return {}
+
+
+def _created_at(pod: Mapping[str, Any]) -> str:
+    return str(pod.get("metadata", {}).get("creationTimestamp") or "")
+
+
+def _index(pod: Mapping[str, Any]) -> str:
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    return str(annotations.get("batch.kubernetes.io/job-completion-index", "0"))
+
+
+def pod_facts(pods: Iterable[Mapping[str, Any]]) -> PodFacts:
+    """Reduce the Job's pods (any order) to the facts the status needs."""
+    ordered = sorted(pods, key=_created_at)
+    facts: dict[str, Any] = {"pods": len(ordered)}
+    for pod in ordered:  # oldest first: later pods overwrite earlier facts
+        phase = pod.get("status", {}).get("phase")
+        cs = _trainer_state(pod)
+        state = cs.get("state") or {}
+        if phase == "Running" and "running" in state and _index(pod) == "0":
+            facts["running"] = True
+            facts["pod_ip"] = pod.get("status", {}).get("podIP")
+            facts["waiting_reason"], facts["waiting_message"] = None, ""
+            for c in pod.get("spec", {}).get("containers") or []:
+                for port in c.get("ports") or []:
+                    if port.get("name") == "metrics":
+                        facts["metrics_port"] = int(port.get("containerPort"))
+        elif phase == "Pending":
+            for cond in pod.get("status", {}).get("conditions") or []:
+                if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                    facts["waiting_reason"] = cond.get("reason") or UNSCHEDULABLE
+                    facts["waiting_message"] = cond.get("message") or ""
+            waiting = state.get("waiting") or {}
+            if waiting.get("reason") in _WAITING_REASONS:
+                facts["waiting_reason"] = _WAITING_REASONS[waiting["reason"]]
+                facts["waiting_message"] = waiting.get("message") or waiting["reason"]
+        terminated = state.get("terminated")
+        if terminated and phase in ("Succeeded", "Failed"):
+            code = terminated.get("exitCode")
+            message = terminated.get("message")
+            parsed = parse_termination_message(message)
+            facts["result"] = parsed
+            facts["result_text"] = None if parsed else message
+            if phase == "Failed":
+                reason = terminated.get("reason") or "Error"
+                facts["last_exit_code"] = code
+                facts["last_failure"] = (
+                    f"{reason} (exit {code})"
+                    if reason not in ("Error", "Completed")
+                    else f"exit code {code}"
+                )
+        if phase == "Failed" and not terminated:
+            facts["last_failure"] = pod.get("status", {}).get("reason") or "pod failed"
+    return PodFacts(**facts)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole status
+
+
+def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in job.get("status", {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _attempts(job: Mapping[str, Any], facts: PodFacts, nodes: int) -> int:
+    st = job.get("status", {})
+    counted = (st.get("failed") or 0) + (st.get("succeeded") or 0) + (st.get("active") or 0)
+    # Ignored failures (preemption) are not in the Job's counters but their pods are visible.
+    return max(math.ceil(counted / nodes), math.ceil(facts.pods / nodes))
+
+
+def _eta(progress: api.Progress, start: datetime | None, now: datetime) -> int | None:
+    if progress.etaSeconds is not None:
+        return progress.etaSeconds
+    if start is None or not progress.step or not progress.totalSteps:
+        return None
+    elapsed = (now - start).total_seconds()
+    return max(0, int(elapsed * (progress.totalSteps - progress.step) / progress.step))
+
+
+def _apply_result(
+    status: dict[str, Any], result: Mapping[str, Any]
+) -> tuple[list[api.GateResult], str | None]:
+    """Copy metrics, gates, artifacts and the reproducibility record; bad parts are skipped."""
+    for key, model in (
+        ("metrics", api.Metrics),
+        ("artifacts", api.Artifacts),
+        ("reproducibility", api.Reproducibility),
+    ):
+        if isinstance(result.get(key), dict):
+            with contextlib.suppress(ValidationError):  # a malformed part is left out
+                status[key] = model.model_validate(result[key])
+    gates: list[api.GateResult] = []
+    for gate in result.get("gates") or []:
+        try:
+            gates.append(api.GateResult.model_validate(gate))
+        except ValidationError:
+            continue
+    status["gates"] = gates
+    message = result.get("message")
+    return gates, message if isinstance(message, str) and message else None
+
+
+def compute(
+    *,
+    previous: api.FineTuneJobStatus,
+    generation: int | None,
+    spec: api.FineTuneJobSpec,
+    job: Mapping[str, Any] | None,
+    pods: Iterable[Mapping[str, Any]],
+    live: api.Progress | None,
+    now: datetime,
+    report: Mapping[str, Any] | None = None,
+) -> api.FineTuneJobStatus:
+    """The new status from what the operator sees now.
+
+    ``previous`` is the status stored on the object; ``live`` is the progress read from the
+    trainer's /metrics (None when not read); ``report`` is report.json when the caller could
+    read it (only used when the termination message has no result).
+    """
+    if previous.phase in TERMINAL:
+        return previous  # final: nothing the Job does later (TTL, deletion) changes it
+    g = generation
+    conds = list(previous.conditions)
+    out: dict[str, Any] = {"observedGeneration": g}
+
+    if job is None:
+        message = "the trainer Job is missing; it will be created again"
+        conds = set_condition(conds, RUNNING, "False", JOB_MISSING, message, now=now, generation=g)
+        out.update(phase="Pending", conditions=conds, message=message)
+        return previous.model_copy(update=out)
+
+    facts = pod_facts(pods)
+    nodes = spec.resources.numNodes
+    job_status = job.get("status", {})
+    attempts = _attempts(job, facts, nodes)
+    out["attempts"] = attempts
+    out["jobName"] = job.get("metadata", {}).get("name", previous.jobName)
+    start = previous.startTime or job_status.get("startTime")
+    out["startTime"] = start
+
+    progress = previous.progress
+    if live is not None:
+        progress = live.model_copy(update={"etaSeconds": _eta(live, _parse_time(start), now)})
+    out["progress"] = progress
+
+    complete = _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet")
+    failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    suspended = bool(job.get("spec", {}).get("suspend")) or _job_condition(job, "Suspended")
+    result = facts.result or (dict(report) if report else None)
+
+    phase: Phase
+    if complete:
+        phase = "Succeeded"
+        gates, trainer_message = _apply_result(out, result or {})
+        message = trainer_message or "training finished"
+        out["completionTime"] = job_status.get("completionTime") or rfc3339(now)
+        if progress is not None and progress.totalSteps and result is not None:
+            out["progress"] = progress.model_copy(update={"etaSeconds": 0})
+        conds = set_condition(conds, RUNNING, "False", FINISHED, message, now=now, generation=g)
+        conds = set_condition(
+            conds, SUCCEEDED, "True", TRAINING_COMPLETE, message, now=now, generation=g
+        )
+        conds = set_condition(conds, FAILED, "False", FINISHED, message, now=now, generation=g)
+        conds = _gates_condition(conds, gates, result is not None, now=now, generation=g)
+    elif failed:
+        phase = "Failed"
+        gates, trainer_message = _apply_result(out, result or {})
+        reason = _failure_reason(failed, facts)
+        parts = [trainer_message or facts.result_text or failed.get("message") or reason]
+        if facts.last_failure and facts.last_failure not in parts[0]:
+            parts.append(f"last pod: {facts.last_failure}")
+        message = "; ".join(p for p in parts if p)
+        out["completionTime"] = failed.get("lastTransitionTime") or rfc3339(now)
+        conds = set_condition(conds, RUNNING, "False", reason, message, now=now, generation=g)
+        conds = set_condition(conds, SUCCEEDED, "False", reason, message, now=now, generation=g)
+        conds = set_condition(conds, FAILED, "True", reason, message, now=now, generation=g)
+    elif suspended:
+        phase = "Suspended"
+        message = "suspended: no pods run; set spec.suspend to false to resume"
+        conds = set_condition(
+            conds, SUSPENDED, "True", JOB_SUSPENDED, message, now=now, generation=g
+        )
+        conds = set_condition(
+            conds, RUNNING, "False", JOB_SUSPENDED, message, now=now, generation=g
+        )
+    elif facts.running:
+        phase = "Running"
+        message = "training"
+        if attempts > 1:
+            message = f"training (attempt {attempts}, resumed from the last checkpoint)"
+            if facts.last_failure:
+                message += f"; previous pod: {facts.last_failure}"
+        conds = set_condition(conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now,
+                              generation=g)  # fmt: skip
+        conds = set_condition(
+            conds,
+            RUNNING,
+            "True",
+            RETRYING if attempts > 1 else TRAINER_RUNNING,
+            message,
+            now=now,
+            generation=g,
+        )
+    else:
+        phase = "Pending"
+        reason = facts.waiting_reason or (RETRYING if facts.last_failure else POD_PENDING)
+        if facts.waiting_reason:
+            message = f"{facts.waiting_reason}: {facts.waiting_message}".rstrip(": ")
+        elif facts.last_failure:
+            message = f"pod failed ({facts.last_failure}); the Job starts a new one"
+        else:
+            message = "waiting for the trainer pod to start"
+        conds = set_condition(conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now,
+                              generation=g)  # fmt: skip
+        conds = set_condition(conds, RUNNING, "False", reason, message, now=now, generation=g)
+
+    out.update(phase=phase, conditions=conds, message=_clip(message))
+    return previous.model_copy(update=out)
+
+
+def _failure_reason(failed: Mapping[str, Any], facts: PodFacts) -> str:
+    if facts.last_exit_code == api.EXIT_USER_ERROR:
+        return USER_ERROR
+    reason = str(failed.get("reason") or "")
+    if reason == "BackoffLimitExceeded":
+        return BACKOFF_LIMIT_EXCEEDED
+    if reason == "DeadlineExceeded":
+        return DEADLINE_EXCEEDED
+    return JOB_FAILED
+
+
+def _gates_condition(
+    conds: list[api.Condition],
+    gates: list[api.GateResult],
+    have_result: bool,
+    *,
+    now: datetime,
+    generation: int | None,
+) -> list[api.Condition]:
+    if not have_result:
+        return set_condition(conds, GATES_PASSED, "Unknown", NOT_EVALUATED,
+                             "the trainer's result could not be read", now=now,
+                             generation=generation)  # fmt: skip
+    if not gates:
+        return set_condition(conds, GATES_PASSED, "True", NO_GATES, "no gates declared",
+                             now=now, generation=generation)  # fmt: skip
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        detail = ", ".join(f"{g.metric} {g.op} {g.value:g} (actual {g.actual})" for g in failed)
+        return set_condition(conds, GATES_PASSED, "False", GATE_FAILED, f"failed: {detail}",
+                             now=now, generation=generation)  # fmt: skip
+    return set_condition(conds, GATES_PASSED, "True", ALL_GATES_PASSED,
+                         f"{len(gates)} gate(s) passed", now=now,
+                         generation=generation)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# what to write and what to announce
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+def transitions(old: api.FineTuneJobStatus, new: api.FineTuneJobStatus) -> list[Event]:
+    """Kubernetes Events for what changed between two statuses (phase and attempts)."""
+    events: list[Event] = []
+    if new.attempts and old.attempts and new.attempts > old.attempts:
+        events.append(Event("Warning", RETRYING, f"attempt {new.attempts}: {new.message or ''}"))
+    if new.phase != old.phase and new.phase is not None:
+        running = condition(new, RUNNING)
+        reason = {
+            "Succeeded": TRAINING_COMPLETE,
+            "Suspended": JOB_SUSPENDED,
+        }.get(new.phase, running.reason if running else new.phase)
+        if new.phase == "Failed":
+            failed = condition(new, FAILED)
+            reason = failed.reason if failed else JOB_FAILED
+        kind: Literal["Normal", "Warning"] = "Warning" if new.phase == "Failed" else "Normal"
+        events.append(Event(kind, reason, f"{new.phase}: {new.message or ''}".rstrip(": ")))
+    gates = condition(new, GATES_PASSED)
+    if gates and gates.status == "False" and condition(old, GATES_PASSED) != gates:
+        events.append(Event("Warning", gates.reason, gates.message))
+    return events
+
+
+def patch_for(
+    old: api.FineTuneJobStatus,
+    new: api.FineTuneJobStatus,
+    *,
+    now: datetime,
+    min_progress_interval: float,
+) -> dict[str, Any] | None:
+    """The status merge-patch to send, or None when nothing needs writing.
+
+    Progress alone is written at most once per ``min_progress_interval`` seconds; anything else
+    (phase, conditions, attempts, results) is written at once, with the latest progress.
+    """
+    old_api, new_api = old.to_api(), new.to_api()
+    if old_api == new_api:
+        return None
+    without = {k: v for k, v in new_api.items() if k != "progress"}
+    only_progress = without == {k: v for k, v in old_api.items() if k != "progress"}
+    if only_progress and old.progress is not None and old.progress.updatedAt:
+        last = _parse_time(old.progress.updatedAt)
+        if last is not None and (now - last).total_seconds() < min_progress_interval:
+            return None
+    patch: dict[str, Any] = {k: v for k, v in new_api.items() if old_api.get(k) != v}
+    for key in old_api:
+        if key not in new_api:
+            patch[key] = None
+    return patch
