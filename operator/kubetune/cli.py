@@ -67,6 +67,18 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return handlers.run(config, namespace=args.namespace)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from kubetune_trainer.local import run_manifest  # torch & co.: only for this command
+
+    return run_manifest(
+        args.file,
+        output=args.output,
+        max_steps=args.max_steps,
+        progress=not args.no_progress,
+        metrics_port=args.metrics_port,
+    )
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -100,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch only this namespace (default: KUBETUNE_NAMESPACE; empty: all namespaces)",
     )
     p.set_defaults(func=cmd_operator)
+
+    p = sub.add_parser("run", help="run a FineTuneJob manifest locally (CPU or one GPU)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--output", help="output folder (overrides spec.output.destination)")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics (0: off)")
+    p.set_defaults(func=cmd_run)
 
     # Commands that need heavy imports (torch, kopf) import them inside their function.
     return parser

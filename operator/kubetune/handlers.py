@@ -96,9 +96,17 @@ class Operator:
         return children
 
     async def reconcile(
-        self, *, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
-        uid: str, name: str, namespace: str | None, **_: Any,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        body: kopf.Body,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        uid: str,
+        name: str,
+        namespace: str | None,
+        **_: Any,
+    ) -> None:
         """create and resume: validate, create children if missing, first status."""
         namespace, generation = namespace or "default", meta.get("generation")
         now, old = _now(), _stored_status(status)
@@ -127,9 +135,17 @@ class Operator:
             metrics.job_state(namespace, name, new.phase, None, _created(meta), now)
 
     async def spec_changed(
-        self, *, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
-        diff: kopf.Diff, new: Any, namespace: str | None, **_: Any,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        body: kopf.Body,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        diff: kopf.Diff,
+        new: Any,
+        namespace: str | None,
+        **_: Any,
+    ) -> None:
         """spec.suspend toggles the Job; other changes are refused by the CRD (CEL) on a real
         API server, and ignored here with a condition saying so."""
         with metrics.reconcile_timer("update"):
@@ -138,8 +154,11 @@ class Operator:
             if "suspend" in changed and old.jobName and old.phase not in st.TERMINAL:
                 suspend = bool((new or {}).get("suspend"))
                 await self.client.set_job_suspended(namespace or "default", old.jobName, suspend)
-                kopf.info(body, reason=st.JOB_SUSPENDED if suspend else st.JOB_RESUMED,
-                          message="Job suspended" if suspend else "Job resumed")  # fmt: skip
+                kopf.info(
+                    body,
+                    reason=st.JOB_SUSPENDED if suspend else st.JOB_RESUMED,
+                    message="Job suspended" if suspend else "Job resumed",
+                )
             ignored = {f"spec.{field}" for field in changed - {"suspend"}}
             updated = old.model_copy(update={"observedGeneration": generation})
             if ignored:
@@ -150,9 +169,17 @@ class Operator:
             _write(patch, old, updated)
 
     async def refresh(
-        self, *, body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
-        uid: str, name: str, namespace: str | None, **indexes: Any,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        body: kopf.Body,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        uid: str,
+        name: str,
+        namespace: str | None,
+        **indexes: Any,
+    ) -> None:
         """The per-job timer: recompute the status from the indexes and the trainer's /metrics."""
         namespace = namespace or "default"
         trainer_jobs: kopf.Index[Any, Any] = indexes["trainer_jobs"]
@@ -174,8 +201,15 @@ class Operator:
             current = found[0] if found else await self.client.get_job(namespace, old.jobName or "")
             if current is None:  # deleted by someone: make it again; the trainer resumes
                 await self.ensure_children(job, uid)
-            new = st.compute(previous=old, generation=meta.get("generation"), spec=job.spec,
-                             job=current, pods=pods, live=live, now=now)  # fmt: skip
+            new = st.compute(
+                previous=old,
+                generation=meta.get("generation"),
+                spec=job.spec,
+                job=current,
+                pods=pods,
+                live=live,
+                now=now,
+            )
             changes = st.patch_for(
                 old, new, now=now, min_progress_interval=self.config.progress_min_interval
             )
@@ -221,17 +255,31 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
         settings.watching.client_timeout = 330
         metrics.start_server(config.metrics_port)
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A custom registry does not get kopf's default login: in-cluster first, then KUBECONFIG.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
         await op.close()
 
-    @kopf.index("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT}, registry=registry)
+    @kopf.index(
+        "batch",
+        "v1",
+        "jobs",
+        id="trainer_jobs",
+        labels={render.LABEL_JOB: kopf.PRESENT},
+        registry=registry,
+    )
     def trainer_jobs(
         *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> Any:
         return {(namespace, labels[render.LABEL_JOB]): _snapshot(body)}
 
-    @kopf.index("v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=registry)
+    @kopf.index(
+        "v1", "pods", id="trainer_pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=registry
+    )
     def trainer_pods(
         *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> Any:
@@ -240,8 +288,13 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
     kopf.on.create(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
     kopf.on.resume(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
     kopf.on.update(*RESOURCE, id="spec", field="spec", registry=registry)(op.spec_changed)
-    kopf.timer(*RESOURCE, id="refresh", interval=config.progress_interval, when=_not_finished,
-               registry=registry)(op.refresh)  # fmt: skip
+    kopf.timer(
+        *RESOURCE,
+        id="refresh",
+        interval=config.progress_interval,
+        when=_not_finished,
+        registry=registry,
+    )(op.refresh)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     def deleted(*, namespace: str | None, name: str, **_: Any) -> None:

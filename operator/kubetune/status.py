@@ -498,8 +498,9 @@ def compute(
             message = f"training (attempt {attempts}, resumed from the last checkpoint)"
             if facts.last_failure:
                 message += f"; previous pod: {facts.last_failure}"
-        conds = set_condition(conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now,
-                              generation=g)  # fmt: skip
+        conds = set_condition(
+            conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now, generation=g
+        )
         conds = set_condition(
             conds,
             RUNNING,
@@ -518,8 +519,9 @@ def compute(
             message = f"pod failed ({facts.last_failure}); the Job starts a new one"
         else:
             message = "waiting for the trainer pod to start"
-        conds = set_condition(conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now,
-                              generation=g)  # fmt: skip
+        conds = set_condition(
+            conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now, generation=g
+        )
         conds = set_condition(conds, RUNNING, "False", reason, message, now=now, generation=g)
 
     out.update(phase=phase, conditions=conds, message=_clip(message))
@@ -546,20 +548,46 @@ def _gates_condition(
     generation: int | None,
 ) -> list[api.Condition]:
     if not have_result:
-        return set_condition(conds, GATES_PASSED, "Unknown", NOT_EVALUATED,
-                             "the trainer's result could not be read", now=now,
-                             generation=generation)  # fmt: skip
+        return set_condition(
+            conds,
+            GATES_PASSED,
+            "Unknown",
+            NOT_EVALUATED,
+            "the trainer's result could not be read",
+            now=now,
+            generation=generation,
+        )
     if not gates:
-        return set_condition(conds, GATES_PASSED, "True", NO_GATES, "no gates declared",
-                             now=now, generation=generation)  # fmt: skip
+        return set_condition(
+            conds,
+            GATES_PASSED,
+            "True",
+            NO_GATES,
+            "no gates declared",
+            now=now,
+            generation=generation,
+        )
     failed = [g for g in gates if not g.passed]
     if failed:
         detail = ", ".join(f"{g.metric} {g.op} {g.value:g} (actual {g.actual})" for g in failed)
-        return set_condition(conds, GATES_PASSED, "False", GATE_FAILED, f"failed: {detail}",
-                             now=now, generation=generation)  # fmt: skip
-    return set_condition(conds, GATES_PASSED, "True", ALL_GATES_PASSED,
-                         f"{len(gates)} gate(s) passed", now=now,
-                         generation=generation)  # fmt: skip
+        return set_condition(
+            conds,
+            GATES_PASSED,
+            "False",
+            GATE_FAILED,
+            f"failed: {detail}",
+            now=now,
+            generation=generation,
+        )
+    return set_condition(
+        conds,
+        GATES_PASSED,
+        "True",
+        ALL_GATES_PASSED,
+        f"{len(gates)} gate(s) passed",
+        now=now,
+        generation=generation,
+    )
 
 
 # --------------------------------------------------------------------------------------------
