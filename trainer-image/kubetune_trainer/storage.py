@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,29 @@ class LocalStorage(Storage):
                     parent = parent.parent
 
 
+_LOADER: Any = None
+_LOADER_LOCK = threading.Lock()
+
+
+def _new_client(s3: api.S3Spec, config: Any) -> Any:
+    """An S3 client from a fresh session, so credentials are resolved now (from the
+    environment the operator fills from the Secret, or the default chain) and never cached
+    across storages; the sessions share one data loader, which caches the parsed service model
+    (half the cost of creating a client)."""
+    global _LOADER
+    import boto3
+    import botocore.session
+
+    with _LOADER_LOCK:  # botocore sessions are not thread-safe; clients are
+        session = botocore.session.Session()
+        if _LOADER is None:
+            _LOADER = session.get_component("data_loader")
+        session.register_component("data_loader", _LOADER)
+        return boto3.session.Session(botocore_session=session).client(
+            "s3", endpoint_url=s3.endpoint, region_name=s3.region, config=config
+        )
+
+
 class S3Storage(Storage):
     """s3://bucket[/prefix] through boto3, with retries and concurrent transfers."""
 
@@ -417,7 +441,6 @@ class S3Storage(Storage):
         max_concurrency: int = MAX_CONCURRENCY,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
@@ -436,10 +459,7 @@ class S3Storage(Storage):
             read_timeout=120,
             max_pool_connections=max(10, max_concurrency + 2),
         )
-        # A fresh session: no state shared with other threads or other storages.
-        self.client: Any = boto3.session.Session().client(
-            "s3", endpoint_url=s3.endpoint, region_name=s3.region, config=config
-        )
+        self.client: Any = _new_client(s3, config)
         self.transfer_config = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -522,8 +542,14 @@ class S3Storage(Storage):
                 self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
                 return True
             except ClientError as exc:
-                if str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND_CODES:
+                code = str(exc.response.get("Error", {}).get("Code"))
+                if code in _NOT_FOUND_CODES:
                     return False
+                if code in ("403", "Forbidden"):
+                    # A HEAD response has no body, so no reason: ask again with a 1-byte GET
+                    # to tell a wrong key (InvalidAccessKeyId) from a wrong secret or a policy.
+                    self.client.get_object(Bucket=self.bucket, Key=self.key(rel), Range="bytes=0-0")
+                    return True
                 raise
 
     def read_bytes(self, rel: str) -> bytes:
@@ -644,4 +670,8 @@ def fetch(
         assert isinstance(folder, S3Storage)
         if folder.exists(name):
             return folder.download_file(name, dest / name)
-    return Storage.open(uri, s3, field=field).download_dir("", dest)
+    store = Storage.open(uri, s3, field=field)
+    if not store.list(""):
+        where = f"{field}: " if field else ""
+        raise UserError(f"{where}{store.uri}: object not found")
+    return store.download_dir("", dest)
