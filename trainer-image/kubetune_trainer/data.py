@@ -270,8 +270,8 @@ def _chat_messages(row: dict[str, Any], field_map: dict[str, str]) -> list[tuple
         role = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
         if role not in ROLES:
             raise ValueError(
-                f"{where}: unknown role {message.get(role_key)!r} (expected system, user or "
-                "assistant)"
+                f"{where}: unknown role {str(message.get(role_key))[:40]!r} (expected system, user "
+                "or assistant)"
             )
         content = message.get(content_key)
         if content is None:

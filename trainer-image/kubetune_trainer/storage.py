@@ -65,6 +65,18 @@ _CREDENTIAL_CODES = {
     "Forbidden",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# 4xx answers that are about the moment, not the request: retrying (the Job) can help.
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "TooManyRequests",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +515,7 @@ class S3Storage(Storage):
                 raise UserError(f"{where}{uri}: object not found") from None
             if code in _CREDENTIAL_CODES:
                 raise UserError(self._denied(verb, uri, code)) from None
-            if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+            if status >= 500 or code in _TRANSIENT_CODES:
                 raise InfraError(
                     f"{where}{verb} {uri}: S3 error {code or status} after retries"
                 ) from None
