@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kubetune_trainer import data
 from kubetune_trainer.errors import UserError
@@ -26,6 +28,11 @@ CHAT = data.Example(
         ("assistant", "priority=high"),
     ),
 )
+_TOKENIZERS = {
+    True: make_tokenizer(chat_template=True),
+    False: make_tokenizer(chat_template=False, add_bos=True),
+}
+
 RAW = data.Example(
     "raw", 3, (("user", "The quick brown fox"), ("assistant", " jumps over the dog.")), raw=True
 )
@@ -175,3 +182,32 @@ def test_demo_model_tokenizer_from_pretrained() -> None:
     completion = tokenizer.decode(trained_part(encoded))
     assert completion == "Paris." + tokenizer.eos_token
     assert tokenizer.decode(encoded.input_ids[: encoded.prompt_len]).endswith("<|assistant|>\n")
+
+
+_text = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=80
+).filter(lambda t: bool(t.strip()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prompt=_text,
+    completion=_text,
+    raw=st.booleans(),
+    template=st.booleans(),
+    max_len=st.integers(16, 96),
+)
+def test_encode_invariants(
+    prompt: str, completion: str, raw: bool, template: bool, max_len: int
+) -> None:
+    tokenizer = _TOKENIZERS[template]
+    example = data.Example("h", 1, (("user", prompt), ("assistant", completion)), raw=raw)
+    encoded = data.encode(example, tokenizer, max_len)
+    assert len(encoded.input_ids) == len(encoded.labels) <= max_len
+    trained = [t for t in encoded.labels if t != IGNORE]
+    assert trained and trained == encoded.input_ids[encoded.prompt_len :]
+    assert encoded.labels[: encoded.prompt_len] == [IGNORE] * encoded.prompt_len
+    full = data.encode(example, tokenizer, 100_000)
+    assert encoded.truncated == (len(full.input_ids) > max_len)
+    if not encoded.truncated:
+        assert encoded == full and full.input_ids[-1] == tokenizer.eos_token_id
