@@ -12,7 +12,7 @@ import pytest
 
 from kubetune import api
 from kubetune_trainer.errors import InfraError, UserError
-from kubetune_trainer.storage import MANIFEST, S3Storage, Storage, fetch
+from kubetune_trainer.storage import MANIFEST, MANIFEST_FORMAT, S3Storage, Storage, fetch
 from tests.support import s3 as s3h
 
 OpenStorage = Callable[..., Storage]
@@ -135,11 +135,23 @@ def test_manifest_paths_cannot_escape_the_destination(
     open_storage: OpenStorage, tmp_path: Path
 ) -> None:
     store = open_storage()
-    evil = {"files": [{"path": "../../escape.txt", "size": 1, "sha256": "0" * 64}]}
+    evil = {
+        "format": MANIFEST_FORMAT,
+        "files": [{"path": "../../escape.txt", "size": 1, "sha256": "0" * 64}],
+    }
     store.write_bytes("evil/manifest.json", json.dumps(evil).encode())
     with pytest.raises(UserError, match=r"'\.\.' is not allowed"):
         store.download_dir("evil", tmp_path / "dl" / "x")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_a_foreign_manifest_json_is_just_a_file(open_storage: OpenStorage, tmp_path: Path) -> None:
+    store = open_storage()
+    store.write_bytes("model/config.json", b"{}")
+    store.write_bytes("model/manifest.json", b'{"name": "shipped with the model"}')
+    assert store.read_manifest("model") is None
+    dest = store.download_dir("model", tmp_path / "dl")
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "manifest.json"]
 
 
 def test_missing_object_and_empty_folder_name_the_field(

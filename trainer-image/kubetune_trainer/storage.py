@@ -274,7 +274,9 @@ class Storage:
         return self.uri_for(rel)
 
     def read_manifest(self, rel: str) -> dict[str, Any] | None:
-        """The folder's manifest, or None when it was never committed (or is being deleted)."""
+        """The folder's manifest, or None when it was never committed (or is being deleted).
+        A manifest.json that kubetune did not write (a model may ship its own) is not a
+        commit marker: None too, and download_dir then fetches the folder as it is."""
         key = _join(_clean_rel(rel), MANIFEST)
         if not self.exists(key):
             return None
@@ -282,12 +284,14 @@ class Storage:
             manifest = json.loads(self.read_bytes(key))
         except UserError:
             return None  # deleted between exists() and the read
-        except ValueError as exc:
-            raise InfraError(
-                f"{self.field}: {self.uri_for(key)}: unreadable manifest: {exc}"
-            ) from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
-            raise InfraError(f"{self.field}: {self.uri_for(key)}: not a kubetune manifest")
+        except ValueError:
+            return None
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") != MANIFEST_FORMAT
+            or not isinstance(manifest.get("files"), list)
+        ):
+            return None
         return manifest
 
     def committed(self, rel_prefix: str) -> Keys:
