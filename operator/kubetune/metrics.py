@@ -234,10 +234,10 @@ class OperatorMetrics:
             else:
                 self._remove(self.pending_since, key)
 
-            if phase == "Running" and progress is not None:
-                self._set_progress(key, progress)
-            else:
+            if phase != "Running":
                 self._drop_progress(key)
+            elif progress is not None:  # None: no news from the trainer, keep the last values
+                self._set_progress(key, progress)
 
     def job_deleted(self, namespace: str, name: str) -> None:
         """Forget a job: its phase count and every per-job series."""

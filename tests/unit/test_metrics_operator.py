@@ -126,6 +126,9 @@ def test_progress_series_exist_only_while_running() -> None:
     m.job_state("team-a", "llama", "Running", api.Progress(step=6, totalSteps=50), T0, at(20))
     assert value(m, "kubetune_finetunejob_step", **job) == 6.0
     assert value(m, "kubetune_finetunejob_loss", **job) is None
+    # A handler without progress at hand (progress=None) does not wipe the last values.
+    m.job_state("team-a", "llama", "Running", None, T0, at(25))
+    assert value(m, "kubetune_finetunejob_step", **job) == 6.0
     m.job_state("team-a", "llama", "Succeeded", PROGRESS, T0, at(30))
     assert series_names(m) == set()
 
