@@ -462,8 +462,12 @@ def compute(
         gates, trainer_message = _apply_result(out, result or {})
         message = trainer_message or "training finished"
         out["completionTime"] = job_status.get("completionTime") or rfc3339(now)
-        if progress is not None and progress.totalSteps and result is not None:
-            out["progress"] = progress.model_copy(update={"etaSeconds": 0})
+        final = (result or {}).get("progress")
+        if isinstance(final, dict):  # the trainer's last word beats the last scrape
+            with contextlib.suppress(ValidationError):
+                out["progress"] = api.Progress.model_validate(final).model_copy(
+                    update={"etaSeconds": 0, "updatedAt": rfc3339(now)}
+                )
         conds = set_condition(conds, RUNNING, "False", FINISHED, message, now=now, generation=g)
         conds = set_condition(
             conds, SUCCEEDED, "True", TRAINING_COMPLETE, message, now=now, generation=g
