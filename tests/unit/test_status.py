@@ -17,8 +17,15 @@ NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 SPEC = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0].spec
 
 
-def job(*, active: int = 0, failed: int = 0, succeeded: int = 0, suspend: bool = False,
-        conditions: list[dict[str, Any]] | None = None, **status: Any) -> dict[str, Any]:  # fmt: skip
+def job(
+    *,
+    active: int = 0,
+    failed: int = 0,
+    succeeded: int = 0,
+    suspend: bool = False,
+    conditions: list[dict[str, Any]] | None = None,
+    **status: Any,
+) -> dict[str, Any]:
     return {
         "metadata": {"name": "x-trainer"},
         "spec": {"suspend": suspend},
@@ -42,15 +49,18 @@ def pod(
 ) -> dict[str, Any]:
     return {
         "metadata": {"creationTimestamp": created},
-        "spec": {"containers": [{"name": "trainer", "ports": [
-            {"name": "metrics", "containerPort": 9400}]}]},
+        "spec": {
+            "containers": [
+                {"name": "trainer", "ports": [{"name": "metrics", "containerPort": 9400}]}
+            ]
+        },
         "status": {
             "phase": phase,
             **({"podIP": ip} if ip else {}),
             "conditions": conditions or [],
             "containerStatuses": [{"name": "trainer", "state": state or {}}],
         },
-    }  # fmt: skip
+    }
 
 
 def terminated(code: int, message: str = "", reason: str = "Error") -> dict[str, Any]:
@@ -61,8 +71,16 @@ def compute(
     j: dict[str, Any] | None, pods: list[dict[str, Any]], **kw: Any
 ) -> api.FineTuneJobStatus:
     previous = kw.pop("previous", api.FineTuneJobStatus(jobName="x-trainer", phase="Pending"))
-    return st.compute(previous=previous, generation=1, spec=kw.pop("spec", SPEC), job=j,
-                      pods=pods, live=kw.pop("live", None), now=kw.pop("now", NOW), **kw)  # fmt: skip
+    return st.compute(
+        previous=previous,
+        generation=1,
+        spec=kw.pop("spec", SPEC),
+        job=j,
+        pods=pods,
+        live=kw.pop("live", None),
+        now=kw.pop("now", NOW),
+        **kw,
+    )
 
 
 def cond(s: api.FineTuneJobStatus, type_: str) -> api.Condition:
@@ -185,8 +203,9 @@ TABLE = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "j", "pods", "phase", "decides", "text"), TABLE,
-                         ids=[row[0] for row in TABLE])  # fmt: skip
+@pytest.mark.parametrize(
+    ("case", "j", "pods", "phase", "decides", "text"), TABLE, ids=[row[0] for row in TABLE]
+)
 def test_status_table(
     case: str,
     j: dict[str, Any],
@@ -239,18 +258,20 @@ def test_missing_job_is_reported() -> None:
 
 def test_attempts_count_pods_not_only_counters() -> None:
     # An Ignore'd failure (preemption) is not in the Job's counters; its pod still shows it.
-    pods = [pod("Failed", terminated(12), created="2026-11-28T10:00:00Z"),
-            pod("Running", {"running": {}}, ip="10.0.0.9")]  # fmt: skip
+    pods = [
+        pod("Failed", terminated(12), created="2026-11-28T10:00:00Z"),
+        pod("Running", {"running": {}}, ip="10.0.0.9"),
+    ]
     assert compute(job(active=1), pods).attempts == 2
 
 
 def test_live_progress_and_eta() -> None:
     live = api.Progress(step=25, totalSteps=100, percent=25.0, loss=1.0, updatedAt="x")
     j = job(active=1, startTime="2026-11-28T11:50:00Z")
-    previous = api.FineTuneJobStatus(jobName="x-trainer", phase="Running",
-                                     startTime="2026-11-28T11:50:00Z")  # fmt: skip
-    new = compute(j, [pod("Running", {"running": {}}, ip="1.2.3.4")], live=live,
-                  previous=previous)  # fmt: skip
+    previous = api.FineTuneJobStatus(
+        jobName="x-trainer", phase="Running", startTime="2026-11-28T11:50:00Z"
+    )
+    new = compute(j, [pod("Running", {"running": {}}, ip="1.2.3.4")], live=live, previous=previous)
     assert new.progress is not None
     assert new.progress.etaSeconds == 1800  # 10 min for 25 steps -> 30 min for the other 75
     kept = compute(j, [pod("Running", {"running": {}}, ip="1.2.3.4")], previous=new)
@@ -259,12 +280,29 @@ def test_live_progress_and_eta() -> None:
 
 def test_parse_the_trainers_real_metrics_page() -> None:
     telemetry = Telemetry(port=0)
-    telemetry.update(step=30, total_steps=120, loss=0.75, eval_loss=0.9, learning_rate=1e-4,
-                     tokens_per_second=1234.5, epoch=0.5, eta_seconds=600)  # fmt: skip
+    telemetry.update(
+        step=30,
+        total_steps=120,
+        loss=0.75,
+        eval_loss=0.9,
+        learning_rate=1e-4,
+        tokens_per_second=1234.5,
+        epoch=0.5,
+        eta_seconds=600,
+    )
     p = st.parse_trainer_metrics(telemetry.exposition(), now=NOW)
-    assert p == api.Progress(step=30, totalSteps=120, percent=25.0, etaSeconds=600, epoch=0.5,
-                             loss=0.75, evalLoss=0.9, learningRate=1e-4, tokensPerSecond=1234.5,
-                             updatedAt="2026-11-28T12:00:00Z")  # fmt: skip
+    assert p == api.Progress(
+        step=30,
+        totalSteps=120,
+        percent=25.0,
+        etaSeconds=600,
+        epoch=0.5,
+        loss=0.75,
+        evalLoss=0.9,
+        learningRate=1e-4,
+        tokensPerSecond=1234.5,
+        updatedAt="2026-11-28T12:00:00Z",
+    )
 
 
 @pytest.mark.parametrize("text", ["", "garbage {", "# only comments\n", "other_metric 1\n"])
@@ -300,22 +338,28 @@ def test_invalid_spec_status_names_the_field() -> None:
 def test_condition_transition_time_moves_only_on_status_change() -> None:
     first = st.set_condition([], "Running", "False", "PodPending", "a", now=NOW, generation=1)
     later = NOW + timedelta(minutes=5)
-    same = st.set_condition(first, "Running", "False", "Unschedulable", "b", now=later,
-                            generation=1)  # fmt: skip
+    same = st.set_condition(
+        first, "Running", "False", "Unschedulable", "b", now=later, generation=1
+    )
     assert (
         same[0].lastTransitionTime == "2026-11-28T12:00:00Z" and same[0].reason == "Unschedulable"
     )
-    flipped = st.set_condition(same, "Running", "True", "TrainerRunning", "c", now=later,
-                               generation=1)  # fmt: skip
+    flipped = st.set_condition(
+        same, "Running", "True", "TrainerRunning", "c", now=later, generation=1
+    )
     assert flipped[0].lastTransitionTime == "2026-11-28T12:05:00Z"
 
 
 def test_progress_patches_are_rate_limited_but_transitions_are_not() -> None:
-    running = compute(job(active=1), [pod("Running", {"running": {}}, ip="1.1.1.1")],
-                      live=api.Progress(step=1, totalSteps=10, updatedAt="2026-11-28T12:00:00Z"))  # fmt: skip
+    running = compute(
+        job(active=1),
+        [pod("Running", {"running": {}}, ip="1.1.1.1")],
+        live=api.Progress(step=1, totalSteps=10, updatedAt="2026-11-28T12:00:00Z"),
+    )
     soon = NOW + timedelta(seconds=4)
-    newer = running.model_copy(update={"progress": api.Progress(step=2, totalSteps=10,
-                                                                 updatedAt=st.rfc3339(soon))})  # fmt: skip
+    newer = running.model_copy(
+        update={"progress": api.Progress(step=2, totalSteps=10, updatedAt=st.rfc3339(soon))}
+    )
     assert st.patch_for(running, newer, now=soon, min_progress_interval=10) is None
     late = NOW + timedelta(seconds=11)
     patch = st.patch_for(running, newer, now=late, min_progress_interval=10)
