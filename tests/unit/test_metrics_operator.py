@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import api, metrics
 from kubetune.metrics import OperatorMetrics
+from kubetune_trainer import report
 
 T0 = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 
@@ -257,3 +260,11 @@ def test_module_functions_keep_the_interface_handlers_call() -> None:
         "kubetune_api_errors_total", {"operation": "probe", "reason": "Test"}
     )
     assert (after or 0.0) - (before or 0.0) == 1.0
+
+
+def test_operations_doc_lists_exactly_the_exported_metrics() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    reference = doc.split("## Metrics reference", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(kubetune_[a-z_]+)`", reference))
+    exported = set(metrics.OPERATOR_METRICS) | {f"kubetune_trainer_{n}" for n in report.GAUGES}
+    assert documented == exported
