@@ -23,58 +23,27 @@ import yaml
 from packaging.requirements import Requirement
 
 from kubetune import api, manifests, render, settings
+from tests.support.dockerfile import (
+    OPERATOR_DOCKERFILE,
+    TRAINER_DOCKERFILE,
+    args_of,
+    env_of,
+    exec_form,
+    final_stage,
+    instructions,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 VENV_BIN = Path(sys.executable).parent
 
 
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    lines: list[str] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        stripped = raw.strip()
-        if stripped.startswith("#") or not stripped:
-            continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        lines.append(pending + stripped)
-        pending = ""
-    assert not pending, f"{path}: dangling line continuation"
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
-
-
-def args_of(steps: list[tuple[str, str]], instruction: str) -> list[str]:
-    return [arguments for name, arguments in steps if name == instruction]
-
-
-def final_stage(steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    starts = [i for i, (name, _) in enumerate(steps) if name == "FROM"]
-    return steps[starts[-1] :]
-
-
-def env_of(steps: list[tuple[str, str]]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for arguments in args_of(steps, "ENV"):
-        for key, value in re.findall(r"(\w+)=(\S+)", arguments):
-            env[key] = value
-    return env
-
-
-def exec_form(arguments: str) -> list[str]:
-    value = json.loads(arguments)
-    assert isinstance(value, list), f"use the exec (JSON) form: {arguments}"
-    return value
-
-
 def run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-OPERATOR = instructions(ROOT / "operator" / "Dockerfile")
-TRAINER = instructions(ROOT / "trainer-image" / "Dockerfile")
+OPERATOR = instructions(OPERATOR_DOCKERFILE)
+TRAINER = instructions(TRAINER_DOCKERFILE)
 
 
 def chart_values() -> dict[str, Any]:
