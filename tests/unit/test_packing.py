@@ -1,0 +1,142 @@
+"""Packing: plans are tight and deterministic; packed logits equal each sample run alone."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kubetune_trainer import packing
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo-model"
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def test_pack_rows_fits_every_sample_once_and_is_tight() -> None:
+    rng = random.Random(3)
+    lengths = [rng.randint(5, 120) for _ in range(300)]
+    rows = packing.pack_rows(lengths, 128)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(300))
+    assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    # best fit: no two rows could be merged
+    totals = sorted(sum(lengths[i] for i in row) for row in rows)
+    assert totals[0] + totals[1] > 128
+    assert packing.pack_rows(lengths, 128) == rows
+
+
+def test_epoch_batches_deterministic_and_cover_epoch() -> None:
+    lengths = [random.Random(i).randint(4, 60) for i in range(97)]
+    for use_packing in (True, False):
+        a = packing.epoch_batches(
+            lengths, packing=use_packing, batch_size=8, max_len=64, seed=1, epoch=0
+        )
+        b = packing.epoch_batches(
+            lengths, packing=use_packing, batch_size=8, max_len=64, seed=1, epoch=0
+        )
+        c = packing.epoch_batches(
+            lengths, packing=use_packing, batch_size=8, max_len=64, seed=1, epoch=1
+        )
+        assert a == b
+        assert a != c
+        assert sorted(i for batch in a for row in batch for i in row) == list(range(97))
+
+
+def test_collate_flat_has_no_padding_and_masks_first_token() -> None:
+    samples = [Sample([5, 6, 7], [5, 6, 7]), Sample([8, 9], [-100, 9])]
+    batch = packing.collate(samples, [[0, 1]], pad_id=0, mode="flat")
+    assert batch.inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch.inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch.inputs["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert batch.inputs["kubetune_segments"] == (0, 3, 5)
+    assert "attention_mask" not in batch.inputs
+    assert (batch.tokens, batch.padded, batch.targets) == (5, 5, 3)
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    packing.register_varlen()
+    m = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32, use_safetensors=True)
+    return m.eval()
+
+
+def _samples() -> list[Sample]:
+    rng = random.Random(0)
+    out = []
+    for length in (17, 5, 30, 11):
+        ids = [rng.randint(10, 1500) for _ in range(length)]
+        out.append(Sample(ids, ids))
+    return out
+
+
+def _alone(model: Any, sample: Sample) -> torch.Tensor:
+    with torch.no_grad():
+        logits: torch.Tensor = model(
+            input_ids=torch.tensor([sample.input_ids]), use_cache=False
+        ).logits[0]
+    return logits
+
+
+def _packed_logits(model: Any, batch: packing.Batch, **extra: object) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
+    inputs.update(extra)
+    with torch.no_grad():
+        logits: torch.Tensor = model(**inputs).logits
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("attn", "mode"),
+    # flat (one concatenated sequence) is what the trainer feeds the varlen attention; rows
+    # is the fallback for sdpa/eager, whose block-causal mask comes from position_ids.
+    [("sdpa", "rows"), ("eager", "rows"), (packing.VARLEN, "rows"), (packing.VARLEN, "flat")],
+)
+def test_packed_logits_equal_each_sample_alone(model: Any, attn: str, mode: str) -> None:
+    samples = _samples()
+    model.set_attn_implementation(attn)
+    try:
+        alone = [_alone(model, s) for s in samples]
+        batch = packing.collate(samples, [[0, 1], [2, 3]], pad_id=0, mode=mode)
+        logits = _packed_logits(model, batch, use_cache=False)
+    finally:
+        model.set_attn_implementation("sdpa")
+    flat = logits.reshape(-1, logits.shape[-1])
+    width = logits.shape[1]
+    offsets = {"flat": [0, 17, 22, 52], "rows": [0, 17, width, width + 30]}[mode]
+    for sample, reference, start in zip(samples, alone, offsets, strict=True):
+        got = flat[start : start + len(sample.input_ids)]
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+
+
+def _contaminated(model: Any, **extra: object) -> float:
+    """Largest logit difference of the second packed sample vs. running it alone."""
+    samples = _samples()[:2]
+    alone = _alone(model, samples[1])
+    batch = packing.collate(samples, [[0, 1]], pad_id=0, mode="rows")
+    packed = _packed_logits(model, batch, **extra)[0, 17:22]
+    return float((packed - alone).abs().max())
+
+
+def test_clean_packing_setup_has_no_contamination(model: Any) -> None:
+    assert _contaminated(model, use_cache=False) < 1e-5
+
+
+def test_all_ones_mask_contaminates(model: Any) -> None:
+    # The control: with a 2D mask transformers stops deriving the block-causal mask.
+    ones = torch.ones(1, 22, dtype=torch.long)
+    assert _contaminated(model, use_cache=False, attention_mask=ones) > 1e-3
+
+
+def test_use_cache_contaminates(model: Any) -> None:
+    # The control: with a cache transformers assumes one continuing sequence.
+    assert _contaminated(model, use_cache=True) > 1e-3

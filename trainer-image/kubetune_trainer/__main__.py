@@ -1,0 +1,512 @@
+"""The trainer recipe: config -> license -> data -> model -> train -> evaluate -> export -> report.
+
+    python -m kubetune_trainer --config config.json      # what the Job runs (api.TrainerConfig)
+    torchrun --nproc-per-node 2 -m kubetune_trainer --config config.json     # data-parallel
+
+Exit codes (docs/trainer.md): 0 done; 10 user error (bad spec or data: not retried); 11
+infrastructure error (storage, network, an unexpected exception: retried); 12 preempted
+(SIGTERM: a checkpoint was committed; retried, not counted). Every failure prints one line
+(a traceback only for unexpected exceptions) and writes the termination message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune import api
+
+from .errors import InfraError, TrainerError, UserError
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Options:
+    """How this run is wired (not what it trains: that is the config)."""
+
+    base_dir: Path | None = None  # relative paths in the spec resolve here (kubetune run)
+    metrics_port: int = api.TRAINER_METRICS_PORT  # 0: no /metrics server
+    termination_log: str | None = api.TERMINATION_LOG
+    progress: Callable[[dict[str, Any]], None] | None = None
+    log: Log = field(default=lambda line: print(line, flush=True))
+    workdir: Path | None = None  # scratch space (downloads); a temp folder by default
+
+
+@dataclass
+class Result:
+    status: api.FineTuneJobStatus
+    report: dict[str, Any]
+    notes: list[str]
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, log: Log) -> Iterator[None]:
+        start = time.monotonic()
+        log(f"[{name}]")
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - start, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def load_config(path: Path) -> api.TrainerConfig:
+    from pydantic import ValidationError
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"--config: cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return api.TrainerConfig.model_validate_json(text)
+    except ValidationError as exc:
+        lines = api.format_errors(exc)
+        raise UserError(f"{path}: invalid trainer config: " + "; ".join(lines[:5])) from exc
+
+
+def check_license(config: api.TrainerConfig) -> None:
+    from .data import check_license as gate
+
+    gate(config.spec.dataset.license, config.policy)
+
+
+@dataclass
+class DataStage:
+    dataset: Any
+    splits: Any
+    source: str
+
+
+def load_data(config: api.TrainerConfig, options: Options, workdir: Path) -> DataStage:
+    from .data import load_dataset, split_dataset
+    from .storage import fetch
+
+    spec, s3 = config.spec.dataset, config.spec.storage.s3
+
+    def load(uri: str, field: str) -> Any:
+        path = fetch(uri, s3, workdir / "data", base_dir=options.base_dir, field=field)
+        return load_dataset(path, spec, field=field)
+
+    dataset = load(spec.source, "spec.dataset.source")
+    validation = (
+        load(spec.split.validationSource, "spec.dataset.split.validationSource")
+        if spec.split.validationSource
+        else None
+    )
+    test = (
+        load(spec.split.testSource, "spec.dataset.split.testSource")
+        if spec.split.testSource
+        else None
+    )
+    splits = split_dataset(dataset, spec.split, validation=validation, test=test)
+    if not splits.train:
+        raise UserError(
+            f"spec.dataset.split: no training rows left ({dataset.total_rows} rows; "
+            f"validation {len(splits.validation)}, test {len(splits.test)})"
+        )
+    return DataStage(dataset, splits, spec.source)
+
+
+def fetch_model(config: api.TrainerConfig, options: Options, workdir: Path) -> Path:
+    from .model import check_model_dir
+    from .storage import fetch
+
+    spec = config.spec.model
+    path = fetch(
+        spec.source,
+        config.spec.storage.s3,
+        workdir / "model",
+        base_dir=options.base_dir,
+        field="spec.model.source",
+    )
+    check_model_dir(path, spec)
+    return path
+
+
+def init_distributed() -> Any:
+    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl on GPU."""
+    from .train import World
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
+def score(
+    config: api.TrainerConfig,
+    options: Options,
+    model: Any,
+    tokenizer: Any,
+    test: list[Any],
+    device: Any,
+) -> tuple[dict[str, float], list[str]]:
+    """Held-out metrics on the test split (plus safety evals when configured) for one model."""
+    from .evaluate import evaluate_model, run_safety
+
+    spec = config.spec
+    notes: list[str] = []
+    values: dict[str, float] = {}
+    if test:
+        values = evaluate_model(
+            model,
+            tokenizer,
+            test,
+            spec.evaluation,
+            max_seq_length=spec.dataset.maxSeqLength,
+            device=device,
+        )
+    else:
+        notes.append("the test split is empty: held-out metrics were not measured")
+    if spec.evaluation.safety is not None:
+        safety, safety_notes = run_safety(
+            model,
+            tokenizer,
+            spec.evaluation.safety,
+            storage_s3=spec.storage.s3,
+            base_dir=options.base_dir,
+            device=device,
+            max_new_tokens=spec.evaluation.maxNewTokens,
+        )
+        values.update(safety)
+        notes.extend(safety_notes)
+    return values, notes
+
+
+def evaluate(
+    config: api.TrainerConfig,
+    options: Options,
+    model: Any,
+    tokenizer: Any,
+    test: list[Any],
+    device: Any,
+    base_before: dict[str, float] | None,
+) -> tuple[api.Metrics, list[api.GateResult], list[str]]:
+    """The same evaluation on base and tuned. For adapters the base is the same model with the
+    adapter switched off (no second copy of the weights); a full fine-tune scored its base
+    before training (base_before)."""
+    from .evaluate import check_gates, compare
+
+    tuned, notes = score(config, options, model, tokenizer, test, device)
+    base: dict[str, float] = {}
+    if config.spec.evaluation.compareToBase:
+        if base_before is not None:
+            base = base_before
+        else:
+            with model.disable_adapter():
+                base, base_notes = score(config, options, model, tokenizer, test, device)
+            notes += [n for n in base_notes if n not in notes]
+    metrics = api.Metrics(base=base, tuned=tuned, delta=compare(base, tuned) if base else {})
+    return metrics, check_gates(list(config.spec.evaluation.gates), metrics), notes
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
+    from . import export as export_stage
+    from . import model as model_stage
+    from . import report as report_stage
+    from . import train as train_stage
+    from .data import encode_all, write_split_manifests
+    from .storage import Storage
+
+    options = options or Options()
+    log, timer, spec = options.log, Timer(), config.spec
+    world = init_distributed()
+    quiet: Log = log if world.main else (lambda line: None)
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="kubetune-"))
+    telemetry = report_stage.Telemetry(options.metrics_port if world.main else 0)
+    output = Storage.open(
+        spec.output.destination,
+        spec.storage.s3,
+        base_dir=options.base_dir,
+        field="spec.output.destination",
+    )
+    try:
+        with timer.stage("license", quiet):
+            check_license(config)
+        with timer.stage("data", quiet):
+            data = load_data(config, options, workdir)
+            splits = data.splits
+            if world.main:
+                write_split_manifests(splits, workdir / "splits")
+                output.commit_dir(workdir / "splits", "splits")
+            quiet(
+                f"  {data.dataset.total_rows} rows ({len(data.dataset.invalid)} invalid): "
+                f"train {len(splits.train)}, validation {len(splits.validation)}, "
+                f"test {len(splits.test)}"
+            )
+        with timer.stage("model", quiet):
+            train_stage.seed_everything(spec.training.seed)
+            model_dir = fetch_model(config, options, workdir)
+            device = model_stage.pick_device()
+            tokenizer = model_stage.load_tokenizer(model_dir, spec.model)
+            model = model_stage.load_base(model_dir, spec, device)
+            base_before = None
+            if spec.method.type == "full" and spec.evaluation.compareToBase and world.main:
+                # A full fine-tune overwrites the base weights: score them first.
+                base_before, _ = score(config, options, model, tokenizer, splits.test, device)
+            model = model_stage.apply_method(model, spec)
+            trainable, total = model_stage.count_parameters(model)
+            quiet(f"  {total:,} parameters, {trainable:,} trainable ({spec.method.type})")
+        with timer.stage("train", quiet):
+            max_len = spec.dataset.maxSeqLength
+            train_rows, train_cut = encode_all(
+                splits.train, tokenizer, max_len, train_on_prompt=spec.dataset.trainOnPrompt
+            )
+            val_rows, val_cut = encode_all(splits.validation, tokenizer, max_len)
+            attention = model_stage.attention_for(device)
+            mode = "flat" if spec.training.packing else "padded"
+            if spec.training.packing:
+                model_stage.set_attention(model, attention)
+            core = model
+            if world.size > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                model = DistributedDataParallel(
+                    core, device_ids=[device.index] if device.type == "cuda" else None
+                )
+            plan = train_stage.make_plan(
+                [len(r.input_ids) for r in train_rows], spec.training, max_len, world
+            )
+            optimizer, scheduler = train_stage.build_optimizer(
+                core, spec.training, plan.total_steps
+            )
+            resumed = train_stage.load_checkpoint(output, core, optimizer, scheduler)
+            state = train_stage.TrainState()
+            if resumed is not None:
+                state = resumed[0]
+                quiet(f"  resumed from {resumed[1]} (step {state.step}/{plan.total_steps})")
+            quiet(
+                f"  {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), packing "
+                f"{spec.training.packing}, attention "
+                f"{attention if spec.training.packing else 'sdpa'}, "
+                f"{len(train_rows)} train rows ({train_cut} truncated)"
+            )
+            setup = train_stage.Setup(
+                model=model,
+                core=core,
+                train=train_rows,
+                validation=val_rows,
+                spec=spec.training,
+                max_len=max_len,
+                pad_id=tokenizer.pad_token_id,
+                device=device,
+                world=world,
+                storage=output,
+                collate_mode=mode,
+            )
+            state = train_stage.train(
+                setup,
+                optimizer,
+                scheduler,
+                state,
+                plan,
+                telemetry=telemetry,
+                progress=options.progress if world.main else None,
+                log=quiet,
+            )
+            if state.stopped_early:
+                quiet(f"  early stop at step {state.step} (best eval loss {state.best_eval})")
+            model = core
+            model_stage.set_attention(model, "sdpa")
+            model.eval()
+            if world.size > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+                dist.destroy_process_group()
+        if not world.main:
+            return Result(api.FineTuneJobStatus(phase="Succeeded"), {}, [])
+        with timer.stage("evaluate", quiet):
+            metrics, gates, notes = evaluate(
+                config, options, model, tokenizer, splits.test, device, base_before
+            )
+        with timer.stage("export", quiet):
+            artifacts = export_stage.export(model, tokenizer, spec, output, model_dir)
+        with timer.stage("report", quiet):
+            last = state.history[-1] if state.history else {}
+            evals = [h["evalLoss"] for h in state.history if "evalLoss" in h]
+            status = api.FineTuneJobStatus(
+                phase="Succeeded",
+                message=(
+                    f"trained {state.step} steps"
+                    + (" (early stop)" if state.stopped_early else "")
+                    + f"; gates {'passed' if all(g.passed for g in gates) else 'FAILED'}"
+                ),
+                progress=api.Progress(
+                    step=state.step,
+                    totalSteps=plan.total_steps,
+                    percent=100.0,
+                    etaSeconds=0,
+                    loss=last.get("loss"),
+                    evalLoss=evals[-1] if evals else None,
+                ),
+                metrics=metrics,
+                gates=gates,
+                artifacts=artifacts,
+                reproducibility=api.Reproducibility(
+                    dataHash=data.dataset.sha256,
+                    splitHashes=dict(splits.hashes),
+                    modelRevision=spec.model.revision,
+                    modelHash=model_stage.weights_hash(model_dir),
+                    seed=spec.training.seed,
+                    configHash=report_stage.config_hash(config),
+                    image=config.image,
+                ),
+            )
+            artifacts.report = output.uri_for("report.json")
+            artifacts.lossCurve = output.uri_for("loss-curve.png")
+            report = {
+                "name": config.name,
+                "namespace": config.namespace,
+                "uid": config.uid,
+                "config": config.to_api(),
+                "configHash": report_stage.config_hash(config),
+                "status": status.to_api(),
+                "data": {
+                    "source": data.source,
+                    "sha256": data.dataset.sha256,
+                    "format": data.dataset.format,
+                    "totalRows": data.dataset.total_rows,
+                    "invalidRows": len(data.dataset.invalid),
+                    "invalidShown": [
+                        {"row": r, "reason": why} for r, why in data.dataset.invalid[:20]
+                    ],
+                    "duplicateRows": len(data.dataset.duplicates),
+                    "splits": {
+                        name: {"rows": len(part), "sha256": splits.hashes.get(name)}
+                        for name, part in splits.items()
+                    },
+                    "truncated": {"train": train_cut, "validation": val_cut},
+                },
+                "model": {
+                    "source": spec.model.source,
+                    "revision": spec.model.revision,
+                    "license": spec.model.license,
+                    "weightsHash": status.reproducibility.modelHash
+                    if status.reproducibility
+                    else None,
+                    "parameters": total,
+                    "trainableParameters": trainable,
+                    "method": spec.method.type,
+                    "device": str(device),
+                    "dtype": str(model_stage.train_dtype(spec.training.precision, device)),
+                    "attention": attention if spec.training.packing else "sdpa",
+                },
+                "training": {
+                    "totalSteps": plan.total_steps,
+                    "steps": state.step,
+                    "stepsPerEpoch": plan.steps_per_epoch,
+                    "worldSize": world.size,
+                    "stoppedEarly": state.stopped_early,
+                    "bestEvalLoss": state.best_eval,
+                    "resumedFrom": resumed[1] if resumed else None,
+                    "realTokens": state.tokens * world.size,
+                    "trainSeconds": state.train_seconds,
+                    "peakMemoryBytes": report_stage.peak_memory_bytes(),
+                },
+                "history": state.history,
+                "metrics": metrics.to_api(),
+                "gates": [g.to_api() for g in gates],
+                "evaluationNotes": notes,
+                "artifacts": artifacts.to_api(),
+                "packages": report_stage.package_versions(),
+                "timings": timer.seconds,
+            }
+            report_stage.write_json(workdir / "report.json", report)
+            report_stage.loss_curve(state.history, workdir / "loss-curve.png")
+            output.write_bytes("loss-curve.png", (workdir / "loss-curve.png").read_bytes())
+            output.write_bytes("report.json", (workdir / "report.json").read_bytes())
+        return Result(status, report, notes)
+    finally:
+        telemetry.close()
+        if options.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="api.TrainerConfig JSON")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("KUBETUNE_METRICS_PORT", api.TRAINER_METRICS_PORT)),
+        help="Prometheus /metrics port (0: off); env KUBETUNE_METRICS_PORT",
+    )
+    parser.add_argument(
+        "--termination-log",
+        default=os.environ.get("KUBETUNE_TERMINATION_LOG", api.TERMINATION_LOG),
+        help="where the final status JSON goes when that folder exists",
+    )
+    parser.add_argument(
+        "--base-dir", type=Path, default=None, help="resolve relative paths in the spec here"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    options = Options(
+        base_dir=args.base_dir, metrics_port=args.metrics_port, termination_log=args.termination_log
+    )
+    return run_and_report(lambda: run(load_config(args.config), options), options)
+
+
+def run_and_report(job: Callable[[], Result], options: Options) -> int:
+    """Run, then turn the outcome into an exit code and a termination message."""
+    from . import report
+
+    try:
+        result = job()
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        phase_message = report.failure_status(str(exc))
+        report.write_termination(report.termination_message(phase_message), options.termination_log)
+        return exc.exit_code
+    except Exception as exc:  # unexpected: infrastructure until proven otherwise (retried)
+        traceback.print_exc()
+        error = InfraError(f"internal error: {type(exc).__name__}: {exc}")
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        report.write_termination(
+            report.termination_message(report.failure_status(str(error))), options.termination_log
+        )
+        return error.exit_code
+    report.write_termination(report.termination_message(result.status), options.termination_log)
+    return api.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`kubetune run job.yaml`: the same manifest and the same trainer, without a cluster.
+
+The manifest is validated like ``kubetune validate`` (problems printed, exit 10), relative paths
+resolve against the manifest's folder, then the recipe runs in this process with a progress bar
+and ends with a table: base vs tuned on the test split, gates, artifact locations.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from kubetune import api, manifests
+
+from .__main__ import Options, Result, run, run_and_report
+
+# Uri fields a manifest may give as paths relative to itself (dotted, under spec).
+_PATH_FIELDS = (
+    ("model", "source"),
+    ("dataset", "source"),
+    ("dataset", "split", "validationSource"),
+    ("dataset", "split", "testSource"),
+    ("output", "destination"),
+    ("evaluation", "safety", "toxicity", "classifierSource"),
+    ("evaluation", "safety", "toxicity", "promptsSource"),
+    ("evaluation", "safety", "jailbreak", "promptsSource"),
+    ("evaluation", "safety", "ood", "source"),
+)
+
+
+def resolve_paths(spec: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Plain relative paths (not s3://, not file://, not absolute) become absolute from base."""
+    for path in _PATH_FIELDS:
+        node: Any = spec
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(path[-1]), str):
+            continue
+        value = node[path[-1]]
+        if "://" not in value and not Path(value).is_absolute():
+            node[path[-1]] = str((base / value).resolve())
+    return spec
+
+
+def build_config(
+    job: api.FineTuneJob, manifest: Path, *, output: str | None, max_steps: int | None
+) -> api.TrainerConfig:
+    spec = resolve_paths(job.spec.to_api(), manifest.resolve().parent)
+    if output is not None:
+        spec["output"]["destination"] = str(Path(output).resolve())
+    if max_steps is not None:
+        spec["training"]["maxSteps"] = max_steps
+    return api.TrainerConfig(
+        name=job.metadata.name,
+        namespace=job.metadata.namespace or "default",
+        spec=api.FineTuneJobSpec.model_validate(spec),
+    )
+
+
+class Bar:
+    """tqdm progress: step/total, loss, eval loss; tqdm computes the ETA."""
+
+    def __init__(self, enabled: bool, stream: TextIO) -> None:
+        self.enabled, self.stream = enabled, stream
+        self.bar: Any = None
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=entry["totalSteps"],
+                initial=entry["step"] - 1,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+            )
+        postfix = {"loss": f"{entry['loss']:.4f}"}
+        if "evalLoss" in entry:
+            postfix["eval"] = f"{entry['evalLoss']:.4f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary(result: Result) -> str:
+    from .evaluate import format_table
+
+    status = result.status
+    lines = [
+        "",
+        "test split: base vs tuned",
+        format_table(status.metrics or api.Metrics(), status.gates, result.notes),
+        "artifacts:",
+    ]
+    for name, uri in (status.artifacts.to_api() if status.artifacts else {}).items():
+        lines.append(f"  {name:<11} {uri}")
+    return "\n".join(lines)
+
+
+def run_manifest(
+    path: str,
+    *,
+    output: str | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    metrics_port: int = 0,
+    stream: TextIO | None = None,
+) -> int:
+    out = stream or sys.stdout
+    loaded = manifests.load_file(path)
+    if loaded.problems:
+        for line in loaded.problems:
+            print(line, file=sys.stderr)
+        return api.EXIT_USER_ERROR
+    if len(loaded.jobs) != 1:
+        print(f"{path}: expected one FineTuneJob, found {len(loaded.jobs)}", file=sys.stderr)
+        return api.EXIT_USER_ERROR
+    config = build_config(loaded.jobs[0], Path(path), output=output, max_steps=max_steps)
+    bar = Bar(progress, sys.stderr)
+    options = Options(
+        base_dir=Path(path).resolve().parent,
+        metrics_port=metrics_port,
+        termination_log=None,
+        progress=bar,
+        log=lambda line: print(line, file=out, flush=True),
+    )
+    results: list[Result] = []
+
+    def job() -> Result:
+        try:
+            result = run(config, options)
+        finally:
+            bar.close()
+        results.append(result)
+        return result
+
+    code = run_and_report(job, options)
+    if results:
+        print(summary(results[0]), file=out, flush=True)
+    return code

@@ -1,0 +1,266 @@
+"""Batches without padding waste and without cross-sample attention.
+
+Packing puts several encoded samples into one row of at most ``maxSeqLength`` tokens
+(best-fit decreasing). Inside a row, ``position_ids`` restart at 0 for every sample and there
+is NO attention mask: transformers (sdpa/eager) then derives a block-causal mask from the
+position_ids, so a sample only sees itself. An all-ones 2D mask, or ``use_cache=True``, would
+silently let each sample attend to the ones before it (tests/unit/test_packing.py proves both).
+
+Why rows and not one flattened batch: without varlen kernels, attention over a row costs the
+square of the row's length, so one 8k-token row is ~6x slower than the same tokens in 1k rows
+(shared/notes/environment.md). We go one step further with :func:`varlen_attention`: the rows
+of a micro-batch are concatenated into one sequence (no padding at all, so linear layers see
+only real tokens) and attention runs per sample, so its cost grows with each sample's own
+length. On a GPU with flash-attention installed, flash_attention_2 does the same natively.
+
+Loss masking: the first token of every sample gets label -100. Unpacked, that token is never a
+target (labels shift left by one); packed, it would otherwise be predicted from the previous
+sample's last token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+VARLEN = "kubetune_varlen"
+
+
+class EncodedLike(Protocol):
+    @property
+    def input_ids(self) -> Sequence[int]: ...
+
+    @property
+    def labels(self) -> Sequence[int]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# planning: which samples go together (pure, deterministic)
+
+
+def pack_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """Best-fit decreasing: sample indices grouped into rows of at most ``max_len`` tokens.
+
+    Longest first, each into the fullest row that still fits it; ties keep index order, so the
+    plan depends only on the lengths.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    # (free space, row index) kept sorted: the best fit is the first with free >= length.
+    free: list[tuple[int, int]] = []
+    for index in order:
+        length = min(lengths[index], max_len)
+        at = bisect.bisect_left(free, (length, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(index)
+            bisect.insort(free, (space - length, row))
+        else:
+            rows.append([index])
+            bisect.insort(free, (max_len - length, len(rows) - 1))
+    return [sorted(row) for row in rows]
+
+
+def epoch_batches(
+    lengths: Sequence[int],
+    *,
+    packing: bool,
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    epoch: int,
+) -> list[list[list[int]]]:
+    """The micro-batches of one epoch: each a list of rows, each row a list of sample indices.
+
+    Deterministic from (seed, epoch), so a resumed run can jump straight to batch k of epoch e.
+    With packing, a micro-batch holds as many rows as carry about ``batch_size`` samples. Without
+    packing every row is one sample and batches are length-grouped (sorted within windows of
+    50 batches, then shuffled), which keeps dynamic padding small.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if packing:
+        rows = pack_rows(lengths, max_len)
+        rng.shuffle(rows)
+        per_batch = max(1, round(batch_size * len(rows) / max(1, len(lengths))))
+        return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches: list[list[list[int]]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [
+            [[i] for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)
+        ]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# collation: tensors for one micro-batch
+
+
+@dataclass
+class Batch:
+    """Model inputs for one micro-batch plus what the loop needs to account for it."""
+
+    inputs: dict[str, Any]
+    targets: int  # label tokens that count in the loss
+    tokens: int  # real (non-padding) tokens
+    padded: int  # tokens including padding
+
+
+def _sample_labels(sample: EncodedLike) -> list[int]:
+    labels = list(sample.labels)
+    if labels:
+        labels[0] = IGNORE
+    return labels
+
+
+def collate(
+    samples: Sequence[EncodedLike],
+    rows: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    mode: str,
+) -> Batch:
+    """Tensors for one micro-batch.
+
+    mode ``flat``: all rows concatenated into one [1, T] sequence with position_ids and the
+    sample boundaries (``kubetune_segments``) for :func:`varlen_attention`: zero padding.
+    mode ``rows``: one row per packed row, right-padded to the longest; the padding is its own
+    "sample" (position_ids from 0, label -100), so no mask is needed and nothing leaks.
+    mode ``padded``: classic one-sample-per-row with dynamic padding and a 2D attention mask
+    (only for packing=false: a mask is correct there because each row holds one sample).
+    """
+    if mode not in ("flat", "rows", "padded"):
+        raise ValueError(f"unknown collate mode {mode!r}")
+    seqs: list[tuple[list[int], list[int], list[int], list[int]]] = []
+    for row in rows:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        bounds: list[int] = []
+        for index in row:
+            sample = samples[index]
+            bounds.append(len(ids))
+            ids += list(sample.input_ids)
+            labels += _sample_labels(sample)
+            positions += list(range(len(sample.input_ids)))
+        seqs.append((ids, labels, positions, bounds))
+    real = sum(len(s[0]) for s in seqs)
+    targets = sum(sum(1 for x in s[1] if x != IGNORE) for s in seqs)
+    if mode == "flat":
+        ids, labels, positions, segments = [], [], [], [0]
+        for row_ids, row_labels, row_positions, _ in seqs:
+            ids += row_ids
+            labels += row_labels
+            positions += row_positions
+        segments = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        inputs = {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+            "kubetune_segments": tuple(segments),
+        }
+        return Batch(inputs, targets, real, real)
+    width = max(len(s[0]) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    label_t = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    position_t = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (ids, labels, positions, _) in enumerate(seqs):
+        n = len(ids)
+        input_ids[r, :n] = torch.tensor(ids)
+        label_t[r, :n] = torch.tensor(labels)
+        position_t[r, :n] = torch.tensor(positions)
+        position_t[r, n:] = torch.arange(width - n)
+        mask[r, :n] = 1
+    inputs = {"input_ids": input_ids, "labels": label_t, "position_ids": position_t}
+    if mode == "padded":
+        inputs["attention_mask"] = mask
+    return Batch(inputs, targets, real, len(seqs) * width)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention whose cost grows with each sample's own length
+
+
+def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row: [start, end) of every sample, from where position_ids restart at 0."""
+    out = []
+    for row in position_ids.tolist():
+        starts = [i for i, p in enumerate(row) if p == 0] or [0]
+        out.append(list(zip(starts, [*starts[1:], len(row)], strict=True)))
+    return out
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention run separately per packed sample (a CPU/GPU stand-in for FA varlen).
+
+    With a mask (padded generation) or a KV cache (query shorter than keys) it is plain sdpa.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or q_len != k_len or q_len == 1 or position_ids is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    given = kwargs.get("kubetune_segments")
+    if given is not None and query.shape[0] == 1:
+        rows = [list(itertools.pairwise(given))]
+    else:
+        rows = _segments(position_ids.expand(query.shape[0], -1))
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.empty_like(query)
+    for r, bounds in enumerate(rows):
+        for start, end in bounds:
+            out[r : r + 1, :, start:end] = F.scaled_dot_product_attention(
+                query[r : r + 1, :, start:end],
+                key[r : r + 1, :, start:end],
+                value[r : r + 1, :, start:end],
+                is_causal=True,
+                dropout_p=dropout if module.training else 0.0,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """Mask creation for VARLEN: no mask for packed training input, sdpa's mask otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    result: torch.Tensor | None = sdpa_mask(*args, **kwargs)
+    return result
+
+
+def register_varlen() -> str:
+    """Make ``attn_implementation="kubetune_varlen"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+    return VARLEN

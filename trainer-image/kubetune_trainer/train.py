@@ -1,0 +1,459 @@
+"""The training loop: hand-written, so every step is visible.
+
+AdamW (weight decay on matrices only), warmup + cosine/linear/constant schedule, gradient
+accumulation with the loss normalized by the target tokens of the whole optimizer step (so
+accumulation and packing do not change the loss scale), clipping, seeded everything.
+Validation loss every ``evalEverySteps``; early stopping on it. A checkpoint every
+``checkpointEverySteps`` (and on SIGTERM, and at the end) goes to
+``<output>/checkpoints/step-<N>/`` through ``Storage.commit_dir`` (manifest last: a checkpoint
+without its manifest does not exist). A restarted run resumes from the newest committed one:
+the data order of an epoch depends only on (seed, epoch), so it jumps straight to the next
+micro-batch instead of replaying the skipped ones.
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP; each rank takes every
+WORLD_SIZE-th micro-batch of the same plan, and only rank 0 writes to storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kubetune import api
+
+from . import packing
+from .errors import Preempted
+from .model import trainable_parameters
+from .packing import EncodedLike
+from .report import Telemetry, peak_memory_bytes
+
+CHECKPOINTS = "checkpoints"
+Progress = Callable[[dict[str, Any]], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# state that survives a restart
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next micro-batch
+    batch: int = 0  # index (in this rank's list) of the next micro-batch of that epoch
+    tokens: int = 0  # real tokens trained on (this rank)
+    train_seconds: float = 0.0
+    best_eval: float | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. base metrics, kept on resume
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Plan:
+    micro_per_epoch: int  # micro-batches per epoch on each rank
+    steps_per_epoch: int
+    total_steps: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+def rank_batches(
+    lengths: Sequence[int], spec: api.TrainingSpec, max_len: int, epoch: int, world: World
+) -> list[list[list[int]]]:
+    """This rank's micro-batches of one epoch; every rank gets the same count (the few left
+    over batches are dropped under DDP so no rank waits in an all-reduce forever)."""
+    batches = packing.epoch_batches(
+        lengths,
+        packing=spec.packing,
+        batch_size=spec.batchSize,
+        max_len=max_len,
+        seed=spec.seed,
+        epoch=epoch,
+    )
+    usable = len(batches) // world.size * world.size
+    return batches[world.rank : usable : world.size]
+
+
+def make_plan(lengths: Sequence[int], spec: api.TrainingSpec, max_len: int, world: World) -> Plan:
+    micro = len(rank_batches(lengths, spec, max_len, 0, world))
+    if micro == 0:
+        from .errors import UserError
+
+        raise UserError(
+            f"spec.training.batchSize: the training split ({len(lengths)} rows) gives no batch "
+            f"for {world.size} process(es); add rows or lower the batch size"
+        )
+    per_epoch = math.ceil(micro / spec.gradientAccumulationSteps)
+    total = spec.maxSteps or max(1, math.ceil((spec.epochs or 1.0) * per_epoch))
+    return Plan(micro, per_epoch, total)
+
+
+def build_optimizer(
+    model: torch.nn.Module, spec: api.TrainingSpec, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
+    for p in trainable_parameters(model).values():
+        # Weight decay on matrices only: decaying norms and biases just hurts.
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": spec.weightDecay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=spec.learningRate, betas=(0.9, 0.999)
+    )
+    warmup = int(spec.warmupRatio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if spec.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if spec.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(
+    storage: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    keep: int,
+) -> str:
+    """Write the checkpoint locally, commit it (manifest last), then prune old ones."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
+        folder = Path(tmp)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in trainable_parameters(model).items()}
+        save_file(tensors, str(folder / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, folder / "rng.pt")
+        record = asdict(state)
+        record["python_rng"] = _jsonable(random.getstate())
+        (folder / "state.json").write_text(json.dumps(record, indent=1))
+        uri: str = storage.commit_dir(folder, f"{CHECKPOINTS}/step-{state.step}")
+    for old in storage.committed(CHECKPOINTS)[:-keep]:
+        storage.delete(old)
+    return uri
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tupled(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+def load_checkpoint(
+    storage: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[TrainState, str] | None:
+    """Restore the newest committed checkpoint; None when there is none."""
+    from safetensors.torch import load_file
+
+    committed = storage.committed(CHECKPOINTS)
+    if not committed:
+        return None
+    newest = committed[-1]
+    with tempfile.TemporaryDirectory(prefix="kubetune-resume-") as tmp:
+        folder = storage.download_dir(newest, Path(tmp))
+        tensors = load_file(str(folder / "trainable.safetensors"))
+        params = trainable_parameters(model)
+        missing = sorted(set(params) - set(tensors))
+        if missing:
+            from .errors import UserError
+
+            raise UserError(
+                f"spec.output.destination: checkpoint {newest} does not match the model "
+                f"(missing {', '.join(missing[:3])}): it was written by a different job; use "
+                "a new output destination"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        record = json.loads((folder / "state.json").read_text())
+    random.setstate(_tupled(record.pop("python_rng")))
+    return TrainState(**record), storage.uri_for(newest)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: finish the step, checkpoint, exit 12
+
+
+class StopFlag:
+    """Set by SIGTERM (preemption); the loop checks it between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            self.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module  # possibly DDP-wrapped
+    core: torch.nn.Module  # the unwrapped model (for saving)
+    train: Sequence[EncodedLike]
+    validation: Sequence[EncodedLike]
+    spec: api.TrainingSpec
+    max_len: int
+    pad_id: int
+    device: torch.device
+    world: World = field(default_factory=World)
+    storage: Any = None  # checkpoint storage; only rank 0 writes
+    collate_mode: str = "flat"
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _loss_sum(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Summed cross-entropy over target tokens. Labels are not shifted in the batch; the first
+    token of every packed sample is -100 (packing.collate), so nothing crosses samples."""
+    labels = inputs.pop("labels")
+    logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=packing.IGNORE,
+        reduction="sum",
+    )
+
+
+def _all_reduce(value: float, world: World, device: torch.device, op: str = "sum") -> float:
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
+@torch.no_grad()
+def validation_loss(setup: Setup) -> float | None:
+    """Mean loss per target token on the validation split (sharded across ranks)."""
+    if not setup.validation:
+        return None
+    lengths = [len(s.input_ids) for s in setup.validation]
+    rows = packing.pack_rows(lengths, setup.max_len)
+    per_batch = max(1, round(setup.spec.batchSize * len(rows) / len(lengths)))
+    batches = [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
+    setup.model.eval()
+    total, targets = 0.0, 0
+    try:
+        for batch_rows in batches[setup.world.rank :: setup.world.size]:
+            batch = packing.collate(
+                setup.validation, batch_rows, pad_id=setup.pad_id, mode=setup.collate_mode
+            )
+            # The unwrapped model: DDP forward outside backward would desync its buckets.
+            total += float(_loss_sum(setup.core, _to_device(batch.inputs, setup.device)))
+            targets += batch.targets
+    finally:
+        setup.model.train()
+    total = _all_reduce(total, setup.world, setup.device)
+    targets = int(_all_reduce(float(targets), setup.world, setup.device))
+    return total / targets if targets else None
+
+
+def train(
+    setup: Setup,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    plan: Plan,
+    *,
+    telemetry: Telemetry | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Run optimizer steps until plan.total_steps, early stop, or SIGTERM (-> Preempted)."""
+    spec, world, model = setup.spec, setup.world, setup.model
+    lengths = [len(s.input_ids) for s in setup.train]
+    accum = spec.gradientAccumulationSteps
+    params = list(trainable_parameters(setup.core).values())
+    started, steps_at_start, tokens_at_start = time.monotonic(), state.step, state.tokens
+    last = started
+    model.train()
+    flag = StopFlag()
+    with flag.installed():
+        epoch_cache: tuple[int, list[list[list[int]]]] = (-1, [])
+        while state.step < plan.total_steps and not state.stopped_early:
+            if epoch_cache[0] != state.epoch:
+                epoch_cache = (
+                    state.epoch,
+                    rank_batches(lengths, spec, setup.max_len, state.epoch, world),
+                )
+            batches = epoch_cache[1]
+            if state.batch >= len(batches):
+                state.epoch, state.batch = state.epoch + 1, 0
+                continue
+            group = batches[state.batch : state.batch + accum]
+            collated = [
+                packing.collate(setup.train, rows, pad_id=setup.pad_id, mode=setup.collate_mode)
+                for rows in group
+            ]
+            targets = _all_reduce(float(sum(c.targets for c in collated)), world, setup.device)
+            step_loss = 0.0
+            for i, batch in enumerate(collated):
+                last = i == len(collated) - 1
+                sync = contextlib.nullcontext()
+                if world.size > 1 and not last:
+                    sync = model.no_sync()  # type: ignore[operator]
+                with sync:
+                    loss_sum = _loss_sum(model, _to_device(batch.inputs, setup.device))
+                    # DDP averages gradients over ranks; scaling by size makes it a global sum.
+                    (loss_sum * world.size / max(targets, 1.0)).backward()
+                step_loss += float(loss_sum.detach())
+            torch.nn.utils.clip_grad_norm_(params, spec.maxGradNorm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch += len(group)
+            state.tokens += sum(c.tokens for c in collated)
+            loss = _all_reduce(step_loss, world, setup.device) / max(targets, 1.0)
+            now = time.monotonic()
+            run_seconds = now - started
+            rate = (state.step - steps_at_start) / run_seconds if run_seconds > 0 else 0.0
+            entry: dict[str, Any] = {
+                "step": state.step,
+                "loss": round(loss, 6),
+                "learningRate": scheduler.get_last_lr()[0],
+                "epoch": round(state.epoch + state.batch / max(1, len(batches)), 4),
+            }
+            if state.step % spec.evalEverySteps == 0 or state.step == plan.total_steps:
+                eval_loss = validation_loss(setup)
+                if eval_loss is not None:
+                    entry["evalLoss"] = round(eval_loss, 6)
+                    _early_stopping(state, spec, eval_loss)
+            state.history.append(entry)
+            state.train_seconds += now - last
+            last = now
+            tokens_per_second = (
+                (state.tokens - tokens_at_start) * world.size / max(run_seconds, 1e-9)
+            )
+            eta = (plan.total_steps - state.step) / rate if rate > 0 else None
+            if telemetry is not None:
+                telemetry.update(
+                    step=state.step,
+                    total_steps=plan.total_steps,
+                    loss=loss,
+                    eval_loss=entry.get("evalLoss"),
+                    learning_rate=entry["learningRate"],
+                    tokens_per_second=tokens_per_second,
+                    epoch=entry["epoch"],
+                    peak_memory_bytes=peak_memory_bytes(),
+                    eta_seconds=eta,
+                )
+            if progress is not None:
+                progress({**entry, "totalSteps": plan.total_steps, "etaSeconds": eta})
+            stop = _all_reduce(1.0 if flag.requested else 0.0, world, setup.device, op="max")
+            due = state.step % spec.checkpointEverySteps == 0
+            if (due or stop) and setup.storage is not None and world.main:
+                uri = save_checkpoint(
+                    setup.storage, setup.core, optimizer, scheduler, state, spec.keepCheckpoints
+                )
+                log(f"checkpoint step {state.step}: {uri}")
+            if stop:
+                raise Preempted(
+                    f"SIGTERM at step {state.step}/{plan.total_steps}: checkpoint committed; "
+                    "a restart resumes from it"
+                )
+        state.train_seconds = round(state.train_seconds, 3)
+    if setup.storage is not None and world.main:
+        # A final checkpoint: a rerun after a failed export resumes here instead of retraining.
+        last = setup.storage.committed(CHECKPOINTS)
+        if not last or not last[-1].endswith(f"step-{state.step}"):
+            save_checkpoint(
+                setup.storage, setup.core, optimizer, scheduler, state, spec.keepCheckpoints
+            )
+    return state
+
+
+def _early_stopping(state: TrainState, spec: api.TrainingSpec, eval_loss: float) -> None:
+    rule = spec.earlyStopping
+    if state.best_eval is None or eval_loss < state.best_eval - (rule.minDelta if rule else 0.0):
+        state.best_eval, state.bad_evals = eval_loss, 0
+        return
+    state.bad_evals += 1
+    if rule is not None and state.bad_evals >= rule.patience:
+        state.stopped_early = True
