@@ -4,6 +4,9 @@ emulator): the phase series follow the FineTuneJobs that kubectl creates and del
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +28,22 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Pr
     cluster = Cluster(tmp)
     port = free_port()
     try:
-        cluster.start_operator(KUBETUNE_METRICS_PORT=str(port))
+        # Started here rather than by cluster.start_operator(): this test must know the port.
+        log = tmp / "operator.log"
+        cluster.operator_logs.append(log)
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "KUBETUNE_METRICS_PORT": str(port),
+            "KUBETUNE_HEALTH_PORT": str(free_port()),
+        }
+        with log.open("wb") as out:
+            cluster.operator = subprocess.Popen(
+                [sys.executable, "-m", "kubetune.cli", "operator"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         scrape = [
             {
                 "job_name": JOB,
