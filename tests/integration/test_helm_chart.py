@@ -309,7 +309,7 @@ def test_existing_service_account_and_no_rbac() -> None:
     assert not kinds & {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role"}
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "kubetune-operator"
-    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["priorityClassName"] == "platform-critical"
     assert deployment_env(objects)["KUBETUNE_PROGRESS_MIN_INTERVAL"] == "20"
     assert settings.from_env(deployment_env(objects)).progress_min_interval == 20.0
 
