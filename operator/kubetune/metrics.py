@@ -257,7 +257,7 @@ class OperatorMetrics:
         start = time.perf_counter()
         try:
             yield
-        except BaseException:
+        except Exception:  # not BaseException: a cancelled handler (shutdown) is no error
             self.reconcile_errors.labels(handler=_label(handler)).inc()
             raise
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import threading
@@ -268,3 +269,11 @@ def test_operations_doc_lists_exactly_the_exported_metrics() -> None:
     documented = set(re.findall(r"`(kubetune_[a-z_]+)`", reference))
     exported = set(metrics.OPERATOR_METRICS) | {f"kubetune_trainer_{n}" for n in report.GAUGES}
     assert documented == exported
+
+
+def test_a_cancelled_handler_is_timed_but_not_an_error() -> None:
+    m = OperatorMetrics()
+    with pytest.raises(asyncio.CancelledError), m.reconcile_timer("refresh"):
+        raise asyncio.CancelledError
+    assert value(m, "kubetune_reconcile_duration_seconds_count", handler="refresh") == 1.0
+    assert value(m, "kubetune_reconcile_errors_total", handler="refresh") is None
