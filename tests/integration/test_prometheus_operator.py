@@ -3,6 +3,7 @@ alert rules and dashboard queries run against what it scraped."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import urllib.error
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from tests.support.helm_chart import (
     RELEASE,
     dashboard,
     dashboard_exprs,
+    one,
+    render,
     rule_exprs,
     rules_file,
 )
@@ -29,7 +32,42 @@ from tests.support.promql import metric_names
 pytestmark = pytest.mark.timeout(180)
 
 OPERATOR_JOB = f"{RELEASE}-kubetune-metrics"  # the job label a ServiceMonitor target gets
-TRAINER = {"namespace": "team-a", "name": "train-a", "pod": "train-a-0"}  # PodMonitor labels
+# Service discovery's labels for a trainer pod rendered by the operator (FineTuneJob train-a).
+TRAINER_POD_META = {
+    "__meta_kubernetes_namespace": "team-a",
+    "__meta_kubernetes_pod_name": "train-a-0",
+    "__meta_kubernetes_pod_label_app_kubernetes_io_name": "kubetune-trainer",
+    "__meta_kubernetes_pod_label_app_kubernetes_io_instance": "train-a",
+}
+
+
+def _meta_label(label: str) -> str:
+    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+
+def pod_monitor_relabel_configs(values: Path) -> list[dict[str, Any]]:
+    """What the Prometheus Operator generates for the chart's PodMonitor: keep pods matching
+    its selector, namespace and pod target labels, then the PodMonitor's own relabelings."""
+    monitor = one(render(values), "PodMonitor")
+    configs: list[dict[str, Any]] = [
+        {"source_labels": [_meta_label(key)], "regex": value, "action": "keep"}
+        for key, value in monitor["spec"]["selector"]["matchLabels"].items()
+    ]
+    configs += [
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+    ]
+    for rule in monitor["spec"]["podMetricsEndpoints"][0].get("relabelings", []):
+        configs.append(
+            {
+                "source_labels": rule["sourceLabels"],
+                "target_label": rule["targetLabel"],
+                "action": rule.get("action", "replace"),
+            }
+        )
+    return configs
+
+
 PROGRESS = {"step": 5, "totalSteps": 50, "loss": 1.25, "evalLoss": 1.5, "tokensPerSecond": 900}
 TRAINER_VALUES = {
     "step": 5,
@@ -60,11 +98,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Exporter, 
                 ],
             },
             {
-                # What the PodMonitor produces: namespace and pod target labels, name relabelled.
+                # The trainer pod as Kubernetes service discovery would describe it, relabelled
+                # the way the Prometheus Operator turns the chart's PodMonitor into a config.
                 "job_name": "kubetune-trainer",
                 "static_configs": [
-                    {"targets": [f"127.0.0.1:{exp.trainer_port}"], "labels": TRAINER}
+                    {"targets": [f"127.0.0.1:{exp.trainer_port}"], "labels": TRAINER_POD_META}
                 ],
+                "relabel_configs": pod_monitor_relabel_configs(values),
             },
         ]
         with prometheus(workdir, scrape, rules=rules_file(values)) as prom:
@@ -215,3 +255,23 @@ def test_an_invalid_expression_is_refused(stack: tuple[Exporter, Prometheus]) ->
     with pytest.raises(urllib.error.HTTPError) as refused:
         prom.query("sum by (phase (kubetune_finetunejobs)")
     assert refused.value.code == 400
+
+
+def test_pod_monitor_relabeling_joins_trainer_and_operator_series(
+    stack: tuple[Exporter, Prometheus],
+) -> None:
+    _, prom = stack
+    (loss,) = prom.wait_query("kubetune_trainer_loss", lambda r: len(r) == 1)
+    labels = loss["metric"]
+    assert (labels["namespace"], labels["name"], labels["pod"]) == (
+        "team-a",
+        "train-a",
+        "train-a-0",
+    )
+    assert not any(key.startswith("__meta") for key in labels)
+    # The same job seen by the trainer and by the operator: one series after the join.
+    joined = prom.wait_query(
+        "kubetune_trainer_step * on (namespace, name) group_left kubetune_finetunejob_total_steps",
+        lambda r: len(r) == 1,
+    )
+    assert float(joined[0]["value"][1]) == 5 * 50
