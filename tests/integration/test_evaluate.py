@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return eval_models.save_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def load(folder: Path) -> tuple[torch.nn.Module, object]:
+def load(folder: Path) -> tuple[Any, Any]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -42,9 +43,7 @@ def spec(**fields: object) -> api.EvaluationSpec:
     return api.EvaluationSpec.model_validate({"maxNewTokens": 4, **fields})
 
 
-def train(
-    model: torch.nn.Module, tokenizer: object, steps: int, rows: list[Example] | None = None
-) -> None:
+def train(model: Any, tokenizer: Any, steps: int, rows: list[Example] | None = None) -> None:
     """A plain full fine-tune (one batch of all rows, AdamW); the pattern rows by default."""
     rows = rows or eval_models.pattern_examples(seed=1)
     encoded = [encode(row, tokenizer, MAX_LEN) for row in rows]
@@ -193,7 +192,7 @@ def test_disabled_evals_are_reported_not_invented(model_dir: Path) -> None:
     assert sorted(n.split(":")[0] for n in notes) == ["jailbreak", "latency", "toxicity"]
 
 
-def train_constant_answer(model: torch.nn.Module, tokenizer: object, answer: str) -> None:
+def train_constant_answer(model: Any, tokenizer: Any, answer: str) -> None:
     """Teach the model to give one answer to anything (a refuser, or a rude model)."""
     prompts = ["hello there", "what is the time", "tell me a story", "how do rivers flow"]
     rows = [
@@ -215,7 +214,12 @@ def test_refusal_rate_of_a_model_taught_to_refuse(model_dir: Path, tmp_path: Pat
         jailbreak={"promptsSource": "redteam.txt"},
         ood={"source": "ood.jsonl"},
     )
-    kwargs = {"storage_s3": None, "base_dir": tmp_path, "device": "cpu", "max_new_tokens": 8}
+    kwargs: dict[str, Any] = {
+        "storage_s3": None,
+        "base_dir": tmp_path,
+        "device": "cpu",
+        "max_new_tokens": 8,
+    }
     base, _ = run_safety(model, tokenizer, settings, **kwargs)
     assert base["refusalRate"] == 0.0  # a random model does not say "I cannot"
 
@@ -235,7 +239,12 @@ def test_word_list_toxicity_of_a_model_taught_to_insult(model_dir: Path) -> None
     model, tokenizer = load(model_dir)
     off = {"enabled": False}
     settings = safety(jailbreak=off, ood=off, latency=off)
-    kwargs = {"storage_s3": None, "base_dir": None, "device": "cpu", "max_new_tokens": 8}
+    kwargs: dict[str, Any] = {
+        "storage_s3": None,
+        "base_dir": None,
+        "device": "cpu",
+        "max_new_tokens": 8,
+    }
     base, _ = run_safety(model, tokenizer, settings, **kwargs)
     train_constant_answer(model, tokenizer, "you idiot")
     tuned, notes = run_safety(model, tokenizer, settings, **kwargs)
@@ -310,7 +319,12 @@ def test_causal_lm_as_classifier_is_a_clear_user_error(model_dir: Path) -> None:
 @pytest.mark.timeout(60)
 def test_missing_and_empty_prompt_files_are_user_errors(model_dir: Path, tmp_path: Path) -> None:
     model, tokenizer = load(model_dir)
-    kwargs = {"storage_s3": None, "base_dir": tmp_path, "device": "cpu", "max_new_tokens": 4}
+    kwargs: dict[str, Any] = {
+        "storage_s3": None,
+        "base_dir": tmp_path,
+        "device": "cpu",
+        "max_new_tokens": 4,
+    }
     with pytest.raises(UserError) as caught:
         run_safety(model, tokenizer, safety(jailbreak={"promptsSource": "nope.jsonl"}), **kwargs)
     assert str(caught.value).startswith("spec.evaluation.safety.jailbreak.promptsSource: ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,7 +183,7 @@ def test_toxic_labels_found_by_name_and_negations_skipped() -> None:
         toxic_labels({0: "a", 1: "b", 2: "c"}, 3)
 
 
-def test_read_texts_formats_and_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_read_texts_formats_and_errors(tmp_path: Path) -> None:
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "one"}\n\n{"prompt": "two"}\n')
     assert read_texts(jsonl, key="prompt", field="f", source="p.jsonl") == ["one", "two"]
