@@ -209,6 +209,11 @@ def greedy_generate(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
+        # Unset fields are filled from the model's generation_config; pin those that would
+        # make this something other than plain greedy decoding stopped at EOS.
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
         pad_token_id=pad,
         eos_token_id=stop or None,
         use_cache=True,  # training may have turned the cache off (packing); decoding wants it
