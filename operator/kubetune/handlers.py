@@ -120,11 +120,22 @@ class Operator:
                 new = st.invalid(api.format_errors(error), generation=generation, now=now)
             else:
                 children = await self.ensure_children(job, uid)
-                new = st.created(
+                created = st.created(
                     old,
                     job_name=children.job["metadata"]["name"],
                     suspended=job.spec.suspend,
                     generation=generation,
+                    now=now,
+                )
+                # What the timer will compute from the new Job, so that its first tick has
+                # nothing to write (one status write fewer per job).
+                new = st.compute(
+                    previous=created,
+                    generation=generation,
+                    spec=job.spec,
+                    job=children.job,
+                    pods=[],
+                    live=None,
                     now=now,
                 )
             _write(patch, old, new)

@@ -29,9 +29,10 @@ from typing import Any
 
 import aiohttp
 
-from kubetune import metrics
+from kubetune import __version__, metrics
 
 log = logging.getLogger(__name__)
+USER_AGENT = f"kubetune-operator/{__version__}"
 
 _PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
@@ -99,7 +100,11 @@ class Client:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         conn = self._connection
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        headers = {
+            "Content-Type": content_type,
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
         if conn.token:
             headers["Authorization"] = conn.token
         try:

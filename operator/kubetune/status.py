@@ -38,6 +38,7 @@ SPEC_INVALID = "SpecInvalid"
 JOB_CREATED = "JobCreated"
 JOB_SUSPENDED = "JobSuspended"
 JOB_RESUMED = "JobResumed"
+NOT_SUSPENDED = "NotSuspended"
 POD_PENDING = "PodPending"
 UNSCHEDULABLE = "Unschedulable"
 IMAGE_PULL_FAILED = "ImagePullBackOff"
@@ -188,7 +189,7 @@ def created(
         conditions,
         SUSPENDED,
         "True" if suspended else "False",
-        JOB_SUSPENDED if suspended else JOB_CREATED,
+        JOB_SUSPENDED if suspended else NOT_SUSPENDED,
         message,
         now=now,
         generation=generation,
@@ -295,6 +296,7 @@ class PodFacts:
     result: dict[str, Any] | None = None  # parsed termination message of the newest finished pod
     result_text: str | None = None  # its raw text when not JSON (a log tail)
     pods: int = 0
+    started: int = 0  # pods whose trainer ran (Running, Succeeded or Failed)
 
 
 def _trainer_state(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -316,7 +318,14 @@ def _index(pod: Mapping[str, Any]) -> str:
 def pod_facts(pods: Iterable[Mapping[str, Any]]) -> PodFacts:
     """Reduce the Job's pods (any order) to the facts the status needs."""
     ordered = sorted(pods, key=_created_at)
-    facts: dict[str, Any] = {"pods": len(ordered)}
+    facts: dict[str, Any] = {
+        "pods": len(ordered),
+        "started": sum(
+            1
+            for p in ordered
+            if p.get("status", {}).get("phase") in ("Running", "Succeeded", "Failed")
+        ),
+    }
     for pod in ordered:  # oldest first: later pods overwrite earlier facts
         phase = pod.get("status", {}).get("phase")
         cs = _trainer_state(pod)
@@ -370,10 +379,12 @@ def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | No
 
 
 def _attempts(job: Mapping[str, Any], facts: PodFacts, nodes: int) -> int:
+    """Times the trainer started: a pod still waiting to be scheduled is not an attempt yet."""
     st = job.get("status", {})
-    counted = (st.get("failed") or 0) + (st.get("succeeded") or 0) + (st.get("active") or 0)
+    finished = (st.get("failed") or 0) + (st.get("succeeded") or 0)
+    counted = math.ceil(finished / nodes) + (1 if facts.running else 0)
     # Ignored failures (preemption) are not in the Job's counters but their pods are visible.
-    return max(math.ceil(counted / nodes), math.ceil(facts.pods / nodes))
+    return max(counted, math.ceil(facts.started / nodes))
 
 
 def _eta(progress: api.Progress, start: datetime | None, now: datetime) -> int | None:
@@ -443,7 +454,10 @@ def compute(
     attempts = _attempts(job, facts, nodes)
     out["attempts"] = attempts
     out["jobName"] = job.get("metadata", {}).get("name", previous.jobName)
-    start = previous.startTime or job_status.get("startTime")
+    # Training started when a trainer first ran, not when the Job was admitted.
+    start = previous.startTime or (
+        (job_status.get("startTime") or rfc3339(now)) if attempts else None
+    )
     out["startTime"] = start
 
     progress = previous.progress
@@ -503,7 +517,7 @@ def compute(
             if facts.last_failure:
                 message += f"; previous pod: {facts.last_failure}"
         conds = set_condition(
-            conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now, generation=g
+            conds, SUSPENDED, "False", NOT_SUSPENDED, "not suspended", now=now, generation=g
         )
         conds = set_condition(
             conds,
@@ -524,7 +538,7 @@ def compute(
         else:
             message = "waiting for the trainer pod to start"
         conds = set_condition(
-            conds, SUSPENDED, "False", JOB_RESUMED, "not suspended", now=now, generation=g
+            conds, SUSPENDED, "False", NOT_SUSPENDED, "not suspended", now=now, generation=g
         )
         conds = set_condition(conds, RUNNING, "False", reason, message, now=now, generation=g)
 

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import functools
 import json
 import random
 import string
@@ -49,7 +50,7 @@ import kmock
 import yaml
 from kmock._internal import references, rendering
 
-HISTORY = 20000  # watch events kept for resumption by resourceVersion
+HISTORY = 50000  # watch events kept for resumption by resourceVersion
 
 
 class ApiStatus(Exception):
@@ -104,6 +105,7 @@ def parse_path(path: str) -> Path_ | None:
 # selectors and patches
 
 
+@functools.lru_cache(maxsize=256)
 def _label_matcher(selector: str) -> Callable[[dict[str, str]], bool]:
     """A labelSelector string -> predicate on a labels dict (the equality/set-based grammar)."""
     terms: list[tuple[str, str, set[str]]] = []  # (op, key, values)
@@ -252,6 +254,13 @@ class Counters:
 
     verbs: collections.Counter[str] = field(default_factory=collections.Counter)
     by_resource: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    # (client, verb, plural[/sub]); client is the User-Agent's product name ("kopf", ...).
+    by_client: collections.Counter[tuple[str, str, str]] = field(
+        default_factory=collections.Counter
+    )
+    # Every write, for per-object accounting: (resourceVersion after, client, verb, label,
+    # namespace, name).
+    log: list[tuple[int, str, str, str, str | None, str | None]] = field(default_factory=list)
 
     def writes(self, plural: str | None = None) -> int:
         return sum(
@@ -330,9 +339,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self.counters.verbs[verb] += 1
             label = p.plural + (f"/{p.subresource}" if p.subresource else "")
             self.counters.by_resource[(verb, label)] += 1
+            client = raw.headers.get("User-Agent", "").split("/")[0] or "unknown"
+            self.counters.by_client[(client, verb, label)] += 1
             if verb == "watch":
                 return await self._watch(raw, p, info)
             body = await self._dispatch(raw, verb, p, res, info)
+            if verb in ("create", "patch", "update", "delete"):
+                name = p.name or ((body or {}).get("metadata") or {}).get("name")
+                self.counters.log.append((self.rv, client, verb, label, p.namespace, name))
             status = 201 if verb == "create" and not raw.query.get("dryRun") else 200
             return aiohttp.web.json_response(body, status=status)
         except ApiStatus as error:

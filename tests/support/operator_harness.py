@@ -61,16 +61,16 @@ class Cluster:
     def start_operator(self, **env: str) -> None:
         log = self.tmp / f"operator-{len(self.operator_logs)}.log"
         self.operator_logs.append(log)
-        environ = dict(
-            os.environ,
-            KUBECONFIG=str(self.kubeconfig),
-            KUBETUNE_PROGRESS_INTERVAL=str(self.progress_interval),
-            KUBETUNE_PROGRESS_MIN_INTERVAL="1",
-            KUBETUNE_METRICS_PORT=str(free_port()),
-            KUBETUNE_HEALTH_PORT=str(free_port()),
-            KUBETUNE_TRAINER_IMAGE="kubetune-trainer:test",
+        environ = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBETUNE_PROGRESS_INTERVAL": str(self.progress_interval),
+            "KUBETUNE_PROGRESS_MIN_INTERVAL": "1",
+            "KUBETUNE_METRICS_PORT": str(free_port()),
+            "KUBETUNE_HEALTH_PORT": str(free_port()),
+            "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test",
             **env,
-        )
+        }
         with log.open("wb") as out:
             self.operator = subprocess.Popen(
                 [sys.executable, "-m", "kubetune.cli", "operator"],
