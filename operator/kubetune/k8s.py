@@ -12,7 +12,12 @@ API verbs the operator uses (the Helm chart's RBAC grants exactly these):
   events.k8s.io events                create patch           (newer kopf versions)
 
 Nothing here reads or writes Secrets: the trainer pod gets credentials by secretKeyRef.
-Standalone kopf peering: no peering CRDs, no extra verbs.
+Standalone kopf peering: no peering CRDs, no extra verbs. Jobs and Pods are watched with the
+server-side selector ``app.kubernetes.io/managed-by=kubetune-operator``.
+
+Optional (cluster-wide installs only): ``apiextensions.k8s.io customresourcedefinitions list
+watch`` lets kopf notice a CRD installed after the operator started; without it kopf logs "Not
+enough permissions to watch for resources" once and works from API discovery at startup.
 
 Children are created with deterministic names; 409 Conflict means "already there" (an operator
 restart or a retried handler), never a duplicate.

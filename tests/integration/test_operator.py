@@ -375,3 +375,32 @@ def test_restart_keeps_children_unique_and_delete_collects_them(cluster: Cluster
     wait_for("zeta gone", lambda: cluster.ftj("zeta") is None)
     assert cluster.kube.get("batch/v1", "jobs", "default", "zeta-trainer") is None
     assert cluster.kube.get("v1", "configmaps", "default", "zeta-config") is None
+
+
+def test_liveness_and_operator_metrics_endpoints(cluster: Cluster) -> None:
+    import urllib.request
+
+    create(cluster, manifest("theta"))
+    cluster.wait_phase("theta", "Pending")
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.health_port}/healthz") as r:
+        assert r.status == 200
+    page = wait_for(
+        "theta counted in the operator metrics",
+        lambda: (
+            (
+                text := urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics")
+                .read()
+                .decode()
+            )
+            and 'kubetune_reconcile_duration_seconds_count{handler="create"}' in text
+            and text
+        ),
+    )
+    pending = [
+        line
+        for line in page.splitlines()
+        if line.startswith('kubetune_finetunejobs{phase="Pending"}')
+    ]
+    assert pending and float(pending[0].split()[-1]) >= 1
+    log = cluster.operator_logs[-1].read_text()
+    assert "Timer 'refresh' succeeded." not in log  # per-tick noise is filtered

@@ -61,13 +61,14 @@ class Cluster:
     def start_operator(self, **env: str) -> None:
         log = self.tmp / f"operator-{len(self.operator_logs)}.log"
         self.operator_logs.append(log)
+        self.metrics_port, self.health_port = free_port(), free_port()
         environ = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "KUBETUNE_PROGRESS_INTERVAL": str(self.progress_interval),
             "KUBETUNE_PROGRESS_MIN_INTERVAL": "1",
-            "KUBETUNE_METRICS_PORT": str(free_port()),
-            "KUBETUNE_HEALTH_PORT": str(free_port()),
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            "KUBETUNE_HEALTH_PORT": str(self.health_port),
             "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test",
             **env,
         }
