@@ -21,6 +21,7 @@ from kubetune_trainer.evaluate import (
     greedy_generate,
     run_safety,
 )
+from kubetune_trainer.safety import preflight
 from tests.support import eval_models
 from tests.support.s3 import REGION, client, new_bucket, s3_env
 
@@ -333,3 +334,52 @@ def test_missing_and_empty_prompt_files_are_user_errors(model_dir: Path, tmp_pat
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError, match=r"toxicity\.promptsSource: empty\.jsonl: empty"):
         run_safety(model, tokenizer, safety(toxicity={"promptsSource": "empty.jsonl"}), **kwargs)
+
+
+@pytest.mark.timeout(60)
+def test_preflight_catches_bad_inputs_before_any_model_runs(
+    model_dir: Path, tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_env(monkeypatch)
+    s3_spec = api.S3Spec(endpoint=s3_server, region=REGION)
+    bucket = new_bucket(s3_server)
+    folder = eval_models.save_classifier(tmp_path / "clf", labels=["ok", "toxic"], toxic_bias=0)
+    for path in folder.iterdir():
+        client(s3_server).upload_file(str(path), bucket, f"clf/{path.name}")
+    (tmp_path / "empty.txt").write_text("# only a comment\n")
+
+    preflight(safety(), storage_s3=None, base_dir=tmp_path)  # bundled defaults
+    preflight(
+        safety(toxicity={"classifierSource": f"s3://{bucket}/clf"}),
+        storage_s3=s3_spec,
+        base_dir=None,
+    )
+    cases = [
+        (
+            {"jailbreak": {"promptsSource": "missing.jsonl"}},
+            "spec.evaluation.safety.jailbreak.promptsSource: ",
+            "not found",
+        ),
+        ({"ood": {"source": "empty.txt"}}, "spec.evaluation.safety.ood.source: ", "empty"),
+        (
+            {"toxicity": {"classifierSource": str(model_dir)}},
+            "spec.evaluation.safety.toxicity.classifierSource: ",
+            "is not a sequence-classification model",
+        ),
+        (
+            {"toxicity": {"classifierSource": f"s3://{bucket}/no-such-model/"}},
+            "spec.evaluation.safety.toxicity.classifierSource: ",
+            "not found",
+        ),
+    ]
+    for fields, prefix, words in cases:
+        with pytest.raises(UserError) as caught:
+            preflight(safety(**fields), storage_s3=s3_spec, base_dir=tmp_path)
+        assert str(caught.value).startswith(prefix), str(caught.value)
+        assert words in str(caught.value)
+    # Disabled evals are not checked: their inputs are never read.
+    preflight(
+        safety(jailbreak={"enabled": False, "promptsSource": "missing.jsonl"}),
+        storage_s3=None,
+        base_dir=tmp_path,
+    )

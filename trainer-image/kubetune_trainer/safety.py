@@ -213,6 +213,66 @@ class Classifier:
     note: str | None
 
 
+def check_classifier_config(config_file: Path, source: str) -> None:
+    """UserError unless the model's config.json declares a *ForSequenceClassification class."""
+    field = f"{FIELD}.toxicity.classifierSource"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{field}: {source}: not a Hugging Face model folder (config.json: {error})"
+        ) from error
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    names = [str(a) for a in architectures] if isinstance(architectures, list) else []
+    if not any(a.endswith("ForSequenceClassification") for a in names):
+        raise UserError(
+            f"{field}: {source} is not a sequence-classification model (architectures: "
+            f"{names or 'none declared'}); save one with "
+            "AutoModelForSequenceClassification.save_pretrained"
+        )
+
+
+def preflight(
+    spec: api.SafetySpec, *, storage_s3: api.S3Spec | None, base_dir: Path | None
+) -> None:
+    """Check the safety inputs before training, so a typo fails in seconds rather than after
+    hours of GPU time: prompt and text files exist, parse and are not empty; the classifier's
+    config.json declares a sequence-classification model. Downloads only those small files."""
+    load: dict[str, Any] = {"storage_s3": storage_s3, "base_dir": base_dir}
+    if spec.toxicity.enabled:
+        load_texts(
+            spec.toxicity.promptsSource,
+            default="toxicity_prompts.jsonl",
+            key="prompt",
+            field=f"{FIELD}.toxicity.promptsSource",
+            **load,
+        )
+        source = spec.toxicity.classifierSource
+        if source:
+            field = f"{FIELD}.toxicity.classifierSource"
+            with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:
+                if source.startswith("s3://"):
+                    config = fetch(
+                        f"{source.rstrip('/')}/config.json", storage_s3, Path(scratch), field=field
+                    )
+                else:
+                    config = fetch(source, None, Path(scratch), base_dir=base_dir, field=field)
+                    config = config / "config.json"
+                check_classifier_config(config, source)
+    if spec.jailbreak.enabled:
+        load_texts(
+            spec.jailbreak.promptsSource,
+            default="redteam_prompts.jsonl",
+            key="prompt",
+            field=f"{FIELD}.jailbreak.promptsSource",
+            **load,
+        )
+    if spec.ood.enabled:
+        load_texts(
+            spec.ood.source, default="ood.txt", key="text", field=f"{FIELD}.ood.source", **load
+        )
+
+
 def load_classifier(
     source: str,
     *,
@@ -226,21 +286,11 @@ def load_classifier(
     Any other model (e.g. a causal LM) is refused: Auto classes would silently bolt a random
     classification head onto it and score noise.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     field = f"{FIELD}.toxicity.classifierSource"
     path = fetch(source, storage_s3, scratch, base_dir=base_dir, field=field)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{field}: {source}: not a Hugging Face model folder ({error})") from error
-    architectures = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise UserError(
-            f"{field}: {source} is not a sequence-classification model (architectures: "
-            f"{architectures or 'none declared'}); save one with "
-            "AutoModelForSequenceClassification.save_pretrained"
-        )
+    check_classifier_config(path / "config.json", source)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=False, output_loading_info=True
