@@ -172,7 +172,8 @@ def stop_token_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids of the tokenizer and of the model's generation config (chat models often add an
     end-of-turn token there)."""
     ids: set[int] = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    generation_config = getattr(model, "generation_config", None)
+    for source in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, list | tuple):
