@@ -475,6 +475,11 @@ def compute(
         phase = "Succeeded"
         gates, trainer_message = _apply_result(out, result or {})
         message = trainer_message or "training finished"
+        if result is None:
+            # No termination message (a kubelet that lost it): point at the full report.
+            report_uri = spec.output.destination.rstrip("/") + "/report.json"
+            out["artifacts"] = api.Artifacts(report=report_uri)
+            message += f"; the result could not be read from the pod: see {report_uri}"
         out["completionTime"] = job_status.get("completionTime") or rfc3339(now)
         final = (result or {}).get("progress")
         if isinstance(final, dict):  # the trainer's last word beats the last scrape

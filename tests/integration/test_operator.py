@@ -8,8 +8,10 @@ real /metrics page, report.termination_message builds the real termination messa
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -404,3 +406,27 @@ def test_liveness_and_operator_metrics_endpoints(cluster: Cluster) -> None:
     assert pending and float(pending[0].split()[-1]) >= 1
     log = cluster.operator_logs[-1].read_text()
     assert "Timer 'refresh' succeeded." not in log  # per-tick noise is filtered
+
+
+def test_namespaced_operator_ignores_other_namespaces(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, progress_interval=0.3)
+    try:
+        for ns in ("team-a", "team-b"):  # kopf waits for a watched namespace to exist
+            c.kube.create("v1", "namespaces", None, {"metadata": {"name": ns}})
+        c.start_operator("--namespace", "team-a", KUBETUNE_LOG_FORMAT="json")
+        for ns in ("team-b", "team-a"):
+            doc = manifest("iota")
+            doc["metadata"]["namespace"] = ns
+            c.kube.create(FTJ, "finetunejobs", ns, doc)
+        wait_for("team-a's Job", lambda: c.kube.get("batch/v1", "jobs", "team-a", "iota-trainer"))
+        time.sleep(1.0)  # several ticks: team-b stays untouched
+        other = c.kube.get(FTJ, "finetunejobs", "team-b", "iota")
+        assert "status" not in other and not other["metadata"].get("finalizers")
+        assert c.kube.get("batch/v1", "jobs", "team-b", "iota-trainer") is None
+        lines = [ln for ln in c.operator_logs[-1].read_text().splitlines() if ln.startswith("{")]
+        assert lines and all("message" in json.loads(ln) for ln in lines)  # KUBETUNE_LOG_FORMAT
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()

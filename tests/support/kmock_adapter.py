@@ -367,6 +367,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self, raw: aiohttp.web.BaseRequest, verb: str, p: Path_, res: Any, info: Any
     ) -> Any:
         key = (p.group, p.plural)
+        if "protobuf" in raw.headers.get("Content-Type", ""):
+            # kubectl create/helm send protobuf for built-in kinds; `kubectl apply` sends JSON.
+            raise ApiStatus(415, "UnsupportedMediaType", "protobuf bodies are not supported")
         if verb == "list":
             return self._list(raw, p, res, info)
         if verb == "create":

@@ -58,7 +58,7 @@ class Cluster:
 
     # ---- processes
 
-    def start_operator(self, **env: str) -> None:
+    def start_operator(self, *args: str, **env: str) -> None:
         log = self.tmp / f"operator-{len(self.operator_logs)}.log"
         self.operator_logs.append(log)
         self.metrics_port, self.health_port = free_port(), free_port()
@@ -74,7 +74,7 @@ class Cluster:
         }
         with log.open("wb") as out:
             self.operator = subprocess.Popen(
-                [sys.executable, "-m", "kubetune.cli", "operator"],
+                [sys.executable, "-m", "kubetune.cli", "operator", *args],
                 env=environ,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -238,7 +238,11 @@ def test_success_copies_the_trainer_result() -> None:
 def test_success_without_a_readable_result_uses_report_json_else_unknown() -> None:
     j = job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
     lost = [pod("Succeeded", terminated(0, "", "Completed"))]
-    assert cond(compute(j, lost), "GatesPassed").status == "Unknown"
+    unknown = compute(j, lost)
+    assert cond(unknown, "GatesPassed").status == "Unknown"
+    assert unknown.artifacts is not None
+    assert unknown.artifacts.report == "s3://models/tuned/support-bot/report.json"
+    assert "s3://models/tuned/support-bot/report.json" in (unknown.message or "")
     report = {"metrics": {"tuned": {"loss": 1.0}}, "gates": [], "message": "from report.json"}
     new = compute(j, lost, report=report)
     assert new.metrics is not None and new.metrics.tuned == {"loss": 1.0}
