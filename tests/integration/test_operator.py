@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubetune import api
 from tests.support.kubelet import free_port
@@ -430,3 +431,25 @@ def test_namespaced_operator_ignores_other_namespaces(tmp_path: Path) -> None:
         raise
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("example", ["lora-s3", "multi-gpu", "qlora-gpu", "full-finetune"])
+def test_kubectl_applies_the_examples(cluster: Cluster, example: str) -> None:
+    from tests.support.operator_harness import ROOT
+
+    path = ROOT / "examples" / f"{example}.yaml"
+    doc = yaml.safe_load(path.read_text())
+    name, namespace = doc["metadata"]["name"], doc["metadata"].get("namespace", "default")
+    cluster.kubectl("apply", "--validate=false", "-f", str(path))
+    status = wait_for(
+        f"{example} reconciled",
+        lambda: (
+            (s := (cluster.ftj(name, namespace) or {}).get("status") or {}).get("jobName") and s
+        ),
+    )
+    assert status["phase"] in ("Pending", "Suspended")
+    job = cluster.kube.get("batch/v1", "jobs", namespace, f"{name}-trainer")
+    nodes = doc["spec"].get("resources", {}).get("numNodes", 1)
+    assert job["spec"]["completions"] == nodes
+    service = cluster.kube.get("v1", "services", namespace, f"{name}-nodes")
+    assert (service is not None) == (nodes > 1)
