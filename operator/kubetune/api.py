@@ -522,6 +522,40 @@ class EvaluationSpec(ApiModel):
         description="Promotion gates checked at the end; status condition GatesPassed.",
     )
 
+    @model_validator(mode="after")
+    def _gates_measurable(self) -> EvaluationSpec:
+        # A gate on a metric this spec never measures would fail every run: refuse it up front.
+        for gate in self.gates:
+            reason = _unmeasured_reason(self, gate.metric)
+            if reason:
+                raise ValueError(f"gates: {gate.metric} is never measured: {reason}")
+        return self
+
+
+def _unmeasured_reason(spec: EvaluationSpec, metric: str) -> str | None:
+    group, _, name = metric.partition(".")
+    if group in ("base", "delta") and not spec.compareToBase:
+        return "compareToBase is false, so there is no base model"
+    if name in EVAL_METRICS and name not in spec.metrics:
+        return f"add {name} to evaluation.metrics"
+    if name in SAFETY_METRICS or name in RATIO_METRICS:
+        if spec.safety is None:
+            return "add evaluation.safety ({} enables every safety eval)"
+        evals = {
+            "toxicityRate": "toxicity",
+            "meanToxicity": "toxicity",
+            "refusalRate": "jailbreak",
+            "oodPerplexity": "ood",
+            "oodPerplexityRatio": "ood",
+            "latencyP50Ms": "latency",
+            "latencyP95Ms": "latency",
+            "generationTokensPerSecond": "latency",
+        }
+        part = evals[name]
+        if not getattr(spec.safety, part).enabled:
+            return f"evaluation.safety.{part}.enabled is false"
+    return None
+
 
 # --------------------------------------------------------------------------------------------
 # spec.output, spec.storage

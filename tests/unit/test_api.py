@@ -97,11 +97,44 @@ def test_every_gate_metric_the_evaluator_reports_is_accepted() -> None:
     for metric in api.EVAL_METRICS + api.SAFETY_METRICS:
         for side in ("base", "tuned", "delta"):
             gate = {"metric": f"{side}.{metric}", "op": "<=", "value": 1.0}
-            api.parse_job(with_spec(evaluation={"gates": [gate]}))
+            api.parse_job(with_spec(evaluation={"safety": {}, "gates": [gate]}))
     gate = {"metric": "delta.oodPerplexityRatio", "op": "<=", "value": 1.1}
-    api.parse_job(with_spec(evaluation={"gates": [gate]}))
+    api.parse_job(with_spec(evaluation={"safety": {}, "gates": [gate]}))
     gate = {"metric": "tuned.oodPerplexityRatio", "op": "<=", "value": 1.1}
-    assert errors_of(with_spec(evaluation={"gates": [gate]}))
+    assert errors_of(with_spec(evaluation={"safety": {}, "gates": [gate]}))
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "reason"),
+    [
+        (
+            {"gates": [{"metric": "tuned.refusalRate", "op": ">", "value": 0}]},
+            "add evaluation.safety",
+        ),
+        (
+            {"compareToBase": False, "gates": [{"metric": "delta.loss", "op": "<", "value": 0}]},
+            "compareToBase is false",
+        ),
+        (
+            {"metrics": ["loss"], "gates": [{"metric": "tuned.exactMatch", "op": ">", "value": 0}]},
+            "add exactMatch to evaluation.metrics",
+        ),
+        (
+            {
+                "safety": {"latency": {"enabled": False}},
+                "gates": [{"metric": "tuned.latencyP95Ms", "op": "<", "value": 100}],
+            },
+            "evaluation.safety.latency.enabled is false",
+        ),
+    ],
+)
+def test_gate_on_a_metric_never_measured_is_refused(
+    evaluation: dict[str, Any], reason: str
+) -> None:
+    lines = errors_of(with_spec(evaluation=evaluation))
+    assert any(line.startswith("spec.evaluation.gates: ") and reason in line for line in lines), (
+        lines
+    )
 
 
 def test_name_longer_than_children_allow_is_refused() -> None:
