@@ -105,14 +105,16 @@ class Operator:
         uid: str,
         name: str,
         namespace: str | None,
-        **_: Any,
+        **indexes: Any,
     ) -> None:
         """create and resume: validate, create children if missing, first status."""
         namespace, generation = namespace or "default", meta.get("generation")
         now, old = _now(), _stored_status(status)
         with metrics.reconcile_timer("create"):
-            if old.phase in st.TERMINAL:
-                metrics.job_state(namespace, name, old.phase, None, _created(meta), now)
+            known = (namespace, name) in indexes["trainer_jobs"]
+            if old.phase in st.TERMINAL or (old.jobName and known):
+                # Operator restart: nothing to create; the timer carries the status on.
+                metrics.job_state(namespace, name, old.phase, old.progress, _created(meta), now)
                 return
             try:
                 job = _parse(body)

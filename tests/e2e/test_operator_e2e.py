@@ -170,6 +170,7 @@ def test_apply_to_succeeded_with_artifacts_in_s3_across_an_operator_restart(
     assert [j["metadata"]["name"] for j in jobs] == ["e2e-ok-trainer"]  # restart: no duplicate
     reasons = [e["reason"] for e in cluster.events("e2e-ok")]
     assert "JobCreated" in reasons and "TrainingComplete" in reasons
+    assert reasons.count("TrainerRunning") == 1  # the restart did not flip Running -> Pending
     out = cluster.kubectl("get", "ftj", "e2e-ok", "-o", "jsonpath={.status.phase}")
     assert out == "Succeeded"
 
