@@ -26,7 +26,7 @@ from typing import Any
 
 from kubetune import api
 
-from .errors import InfraError, TrainerError, UserError
+from .errors import InfraError, Preempted, TrainerError, UserError
 
 Log = Callable[[str], None]
 
@@ -493,8 +493,8 @@ def run_and_report(job: Callable[[], Result], options: Options) -> int:
         result = job()
     except TrainerError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        phase_message = report.failure_status(str(exc))
-        report.write_termination(report.termination_message(phase_message), options.termination_log)
+        status = report.failure_status(str(exc), preempted=isinstance(exc, Preempted))
+        report.write_termination(report.termination_message(status), options.termination_log)
         return exc.exit_code
     except Exception as exc:  # unexpected: infrastructure until proven otherwise (retried)
         traceback.print_exc()

@@ -188,5 +188,6 @@ def write_termination(text: str, path: str | None) -> bool:
     return True
 
 
-def failure_status(message: str) -> api.FineTuneJobStatus:
-    return api.FineTuneJobStatus(phase="Failed", message=message[:3000])
+def failure_status(message: str, *, preempted: bool = False) -> api.FineTuneJobStatus:
+    """A preempted pod is not a failed job (it will be retried): no phase then."""
+    return api.FineTuneJobStatus(phase=None if preempted else "Failed", message=message[:3000])
