@@ -1,0 +1,128 @@
+"""`kubetune run`: a manifest in, a tuned adapter, a report and a base-vs-tuned table out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kubetune import api
+from tests.support import trainer_runs as tr
+
+
+def _kubetune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=tr.trainer_env(),
+        timeout=300,
+    )
+
+
+def _manifest(folder: Path, **spec_changes: object) -> Path:
+    """A manifest in `folder` with relative paths (they resolve against the manifest's folder)."""
+    data = tr.write_rows(folder / "rows.jsonl", 120)
+    spec = tr.spec_dict(Path(data.name), Path("out"), maxSteps=12)
+    spec["model"]["source"] = os.path.relpath(tr.DEMO_MODEL, folder)
+    spec["evaluation"] = {"metrics": ["loss", "exactMatch"], "maxNewTokens": 8}
+    spec["evaluation"]["gates"] = [{"metric": "delta.loss", "op": "<", "value": 0}]
+    spec.update(spec_changes)
+    path = folder / "job.yaml"
+    document = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "local"},
+        "spec": spec,
+    }
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_kubetune_run_trains_and_reports(tmp_path: Path) -> None:
+    folder = tmp_path / "job"
+    folder.mkdir()
+    manifest = _manifest(folder, output={"destination": "out", "mergeAdapter": True})
+    # Run from elsewhere: relative paths must resolve against the manifest, not the cwd.
+    result = _kubetune("run", str(manifest), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = folder / "out"
+    assert "test split: base vs tuned" in result.stdout
+    assert "delta.loss < 0: passed" in result.stdout
+    assert f"adapter     file://{out}/adapter" in result.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    assert metrics["delta"]["loss"] == pytest.approx(
+        metrics["tuned"]["loss"] - metrics["base"]["loss"]
+    )
+    assert report["training"]["steps"] == 12
+    assert len(report["history"]) == 12
+    assert report["status"]["reproducibility"]["dataHash"] == report["data"]["sha256"]
+    assert set(report["data"]["splits"]) == {"train", "validation", "test"}
+    assert report["packages"]["torch"] == torch.__version__
+    for name in ("adapter", "tokenizer", "merged", "splits", "checkpoints/step-12"):
+        assert (out / name / "manifest.json").is_file(), name
+    assert (out / "loss-curve.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The adapter loads on its own onto the base; the merged model loads without peft.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tr.DEMO_MODEL, use_safetensors=True)
+    tuned = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", use_safetensors=True).eval()
+    ids = torch.tensor([[1, 4, 200, 300, 400]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_invalid_manifest_prints_field_errors_and_exits_10(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, training={"maxSteps": 0, "learningRate": 0.1})
+    result = _kubetune("run", str(manifest), cwd=tmp_path)
+    assert result.returncode == api.EXIT_USER_ERROR
+    assert "spec.training.maxSteps" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"method": {"type": "lora", "lora": {"targetModules": ["c_attn"]}}},
+            "spec.method.lora.targetModules: c_attn not found in the model; its linear modules "
+            "are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        ),
+        ({"dataset_license": "unknown"}, "spec.dataset.license.name: 'unknown' is not a license"),
+        ({"dataset_source": "missing.jsonl"}, "spec.dataset.source"),
+    ],
+)
+def test_user_errors_exit_10_with_one_line_and_no_artifacts(
+    tmp_path: Path, change: dict[str, object], expected: str
+) -> None:
+    manifest = _manifest(tmp_path)
+    document = yaml.safe_load(manifest.read_text())
+    if "dataset_license" in change:
+        document["spec"]["dataset"]["license"]["name"] = change["dataset_license"]
+    elif "dataset_source" in change:
+        document["spec"]["dataset"]["source"] = change["dataset_source"]
+    else:
+        document["spec"].update(change)
+    manifest.write_text(yaml.safe_dump(document))
+    result = _kubetune("run", str(manifest), "--no-progress", cwd=tmp_path)
+    assert result.returncode == api.EXIT_USER_ERROR, result.stdout + result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    for artifact in ("adapter", "report.json", "checkpoints"):
+        assert not (tmp_path / "out" / artifact).exists()

@@ -1,0 +1,68 @@
+"""Preemption: SIGTERM after k steps commits a checkpoint and exits 12; the restart resumes from
+it and ends exactly like an uninterrupted run (same optimizer steps, same adapter weights)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kubetune import api
+from tests.support import trainer_runs as tr
+
+STEPS = 24
+
+
+def _adapter(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_then_restart_matches_uninterrupted_run(tmp_path: Path) -> None:
+    data = tr.write_rows(tmp_path / "rows.jsonl", 160)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg_a = tr.write_config(tmp_path / "a.json", tr.config(data, straight, maxSteps=STEPS))
+    cfg_b = tr.write_config(tmp_path / "b.json", tr.config(data, resumed, maxSteps=STEPS))
+
+    code, out = tr.run_trainer(cfg_a, tmp_path / "term-a")
+    assert code == 0, out
+
+    # Preempt run B as soon as its first checkpoint is committed (manifest present).
+    proc = tr.start_trainer(cfg_b, tmp_path / "term-b")
+    first = resumed / "checkpoints" / "step-2" / "manifest.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out_b, _ = proc.communicate(timeout=120)
+    assert proc.returncode == api.EXIT_PREEMPTED, out_b
+    assert "SIGTERM at step" in out_b
+    message = json.loads((tmp_path / "term-b").read_text())
+    assert "checkpoint committed" in message["message"]
+    committed = sorted((resumed / "checkpoints").glob("step-*/manifest.json"))
+    stopped_at = max(int(p.parent.name.split("-")[1]) for p in committed)
+    assert 2 <= stopped_at < STEPS
+    assert not (resumed / "adapter").exists()  # no artifacts from an interrupted run
+
+    code, out_b2 = tr.run_trainer(cfg_b, tmp_path / "term-b2")
+    assert code == 0, out_b2
+    assert f"resumed from file://{resumed}/checkpoints/step-{stopped_at}" in out_b2
+
+    report_a = json.loads((straight / "report.json").read_text())
+    report_b = json.loads((resumed / "report.json").read_text())
+    assert report_b["training"]["steps"] == report_a["training"]["steps"] == STEPS
+    assert report_b["training"]["resumedFrom"].endswith(f"step-{stopped_at}")
+    # The history continues where the checkpoint left off: one entry per step, in order.
+    assert [h["step"] for h in report_b["history"]] == list(range(1, STEPS + 1))
+    assert report_b["history"][-1]["loss"] == pytest.approx(report_a["history"][-1]["loss"], 1e-4)
+    a, b = _adapter(straight), _adapter(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+    # keepCheckpoints (2): only the newest survive.
+    assert len(list((resumed / "checkpoints").glob("step-*/manifest.json"))) == 2

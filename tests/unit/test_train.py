@@ -1,0 +1,166 @@
+"""Training pieces: schedules, plans, early stopping, model/method errors, report shapes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kubetune import api
+from kubetune_trainer import model as model_stage
+from kubetune_trainer import report, train
+from kubetune_trainer.errors import UserError
+from tests.support import trainer_runs as tr
+
+
+def _training(**values: Any) -> api.TrainingSpec:
+    return api.TrainingSpec.model_validate({"maxSteps": 100, **values})
+
+
+def _lrs(spec: api.TrainingSpec, steps: int) -> list[float]:
+    layer = torch.nn.Linear(2, 2)
+    optimizer, scheduler = train.build_optimizer(layer, spec, steps)
+    out = []
+    for _ in range(steps):
+        out.append(float(scheduler.get_last_lr()[0]))
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
+    lrs = _lrs(_training(learningRate=0.1, warmupRatio=0.1, scheduler="cosine"), 100)
+    assert lrs[0] < lrs[5] < lrs[9] <= 0.1
+    assert max(lrs) == pytest.approx(0.1, rel=1e-6)
+    assert lrs[-1] < 0.001
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_linear_and_constant_schedules() -> None:
+    linear = _lrs(_training(learningRate=1.0, warmupRatio=0.0, scheduler="linear"), 10)
+    assert linear == pytest.approx([1 - i / 10 for i in range(10)])
+    constant = _lrs(_training(learningRate=0.5, warmupRatio=0.0, scheduler="constant"), 10)
+    assert constant == pytest.approx([0.5] * 10)
+
+
+def test_weight_decay_only_on_matrices() -> None:
+    layer = torch.nn.Linear(3, 3)
+    optimizer, _ = train.build_optimizer(layer, _training(weightDecay=0.1), 10)
+    by_decay = {g["weight_decay"]: [p.ndim for p in g["params"]] for g in optimizer.param_groups}
+    assert by_decay == {0.1: [2], 0.0: [1]}
+
+
+def test_plan_counts_steps_from_epochs_and_accumulation() -> None:
+    lengths = [10] * 64
+    spec = api.TrainingSpec(epochs=2, batchSize=8, gradientAccumulationSteps=3, packing=False)
+    plan = train.make_plan(lengths, spec, 128, train.World())
+    assert plan.micro_per_epoch == 8
+    assert plan.steps_per_epoch == 3
+    assert plan.total_steps == 6
+    halves = train.make_plan(lengths, spec, 128, train.World(rank=1, size=2))
+    assert halves.micro_per_epoch == 4
+
+
+def test_ranks_get_disjoint_batches_of_equal_count() -> None:
+    lengths = [5 + i % 17 for i in range(101)]
+    spec = api.TrainingSpec(epochs=1, batchSize=4, packing=True)
+    shards = [train.rank_batches(lengths, spec, 64, 0, train.World(r, 2)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    seen = [i for shard in shards for batch in shard for row in batch for i in row]
+    assert len(seen) == len(set(seen))
+
+
+def test_early_stopping_patience_and_min_delta() -> None:
+    spec = _training(earlyStopping={"patience": 2, "minDelta": 0.1})
+    state = train.TrainState()
+    for loss in (1.0, 0.95, 0.8, 0.75):
+        train._early_stopping(state, spec, loss)
+        assert not state.stopped_early
+    train._early_stopping(state, spec, 0.79)
+    assert state.stopped_early
+    assert state.best_eval == 0.8
+
+
+def test_unknown_target_module_lists_the_models_linear_modules() -> None:
+    spec = api.FineTuneJobSpec.model_validate(
+        tr.spec_dict(Path("x.jsonl"), Path("out"))
+        | {"method": {"type": "lora", "lora": {"targetModules": ["q_proj", "query_key_value"]}}}
+    )
+    base = model_stage.load_base(tr.DEMO_MODEL, spec, torch.device("cpu"))
+    with pytest.raises(UserError) as caught:
+        model_stage.apply_method(base, spec)
+    message = str(caught.value)
+    assert message.startswith("spec.method.lora.targetModules: query_key_value not found")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in message
+    assert "lm_head" not in message
+
+
+def test_all_linear_lora_trains_only_adapters() -> None:
+    spec = api.FineTuneJobSpec.model_validate(
+        tr.spec_dict(Path("x.jsonl"), Path("out"))
+        | {"method": {"type": "lora", "lora": {"r": 2, "targetModules": ["all-linear"]}}}
+    )
+    peft_model = model_stage.apply_method(
+        model_stage.load_base(tr.DEMO_MODEL, spec, torch.device("cpu")), spec
+    )
+    names = list(model_stage.trainable_parameters(peft_model))
+    assert names and all("lora_" in n for n in names)
+    assert any("down_proj" in n for n in names)
+
+
+def test_model_folder_without_weights_is_a_user_error(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tr.DEMO_MODEL, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"no \*\.safetensors weights.*pytorch_model\.bin"):
+        model_stage.check_model_dir(folder, api.ModelSpec(source=str(folder)))
+
+
+def test_revision_mismatch_is_a_user_error() -> None:
+    spec = api.ModelSpec(source=str(tr.DEMO_MODEL), revision="v9")
+    with pytest.raises(UserError, match=r"spec.model.revision: 'v9'.*'demo-v1'"):
+        model_stage.check_model_dir(tr.DEMO_MODEL, spec)
+
+
+def test_termination_message_is_status_shaped_and_small() -> None:
+    status = api.FineTuneJobStatus(
+        phase="Succeeded",
+        message="ok",
+        metrics=api.Metrics(base={"loss": 2.0}, tuned={"loss": 1.0}, delta={"loss": -1.0}),
+        gates=[
+            api.GateResult(metric=f"delta.loss{i}", op="<", value=0, passed=True)
+            for i in range(200)
+        ],
+        artifacts=api.Artifacts(adapter="s3://b/adapter"),
+    )
+    text = report.termination_message(status)
+    assert len(text.encode()) < report.TERMINATION_LIMIT
+    parsed = api.FineTuneJobStatus.model_validate(json.loads(text))
+    assert parsed.phase == "Succeeded"
+    assert parsed.metrics is not None and parsed.metrics.tuned == {"loss": 1.0}
+    assert parsed.artifacts is not None and parsed.artifacts.adapter == "s3://b/adapter"
+    assert parsed.gates == []  # dropped to fit
+
+
+def test_telemetry_exposes_the_gauges_the_operator_reads() -> None:
+    telemetry = report.Telemetry(port=0)
+    telemetry.update(step=3, total_steps=10, loss=1.5, eta_seconds=math.nan)
+    text = telemetry.exposition()
+    for name in report.GAUGES:
+        assert f"kubetune_trainer_{name} " in text
+    assert "kubetune_trainer_step 3.0" in text
+    assert "kubetune_trainer_loss 1.5" in text
+    assert "kubetune_trainer_eta_seconds 0.0" in text  # NaN is not published
+
+
+def test_loss_curve_png(tmp_path: Path) -> None:
+    history = [{"step": i, "loss": 1 / i} for i in range(1, 20)] + [{"step": 20, "evalLoss": 0.1}]
+    path = report.loss_curve(history, tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
