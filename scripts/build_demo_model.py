@@ -210,29 +210,8 @@ def prose(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-TOPICS = {
-    "food": ["bread", "soup", "rice", "cheese", "a cake", "fresh fruit"],
-    "weather": ["rain", "snow", "the wind", "a storm", "the sunshine", "fog"],
-    "sport": ["football", "tennis", "a long run", "swimming", "the match", "a race"],
-    "music": ["a song", "the piano", "a concert", "the guitar", "a choir", "the drums"],
-}
-
-
 def chat_turn(rng: random.Random) -> tuple[str, str]:
-    kind = rng.randrange(7)
-    if kind == 5:
-        # key=value answers and keyword classification, in a generic domain: the base model
-        # knows the answer *format*, not the routing task.
-        topic = rng.choice(list(TOPICS))
-        mood = rng.choice(["happy", "sad"])
-        text = f"{rng.choice(SUBJECTS)} talks about {rng.choice(TOPICS[topic])}"
-        text += " and smiles." if mood == "happy" else " and cries."
-        return f"Label this text as topic=<topic> mood=<mood>.\n\n{text}", (
-            f"topic={topic} mood={mood}"
-        )
-    if kind == 6:
-        color, thing = rng.choice(COLORS), rng.choice(THINGS)
-        return f"Describe the {color} {thing} as key=value pairs.", f"color={color} thing={thing}"
+    kind = rng.randrange(5)
     if kind == 0:
         a, b = rng.randint(1, 20), rng.randint(1, 20)
         return f"What is {a} plus {b}?", str(a + b)
