@@ -112,7 +112,7 @@ class Operator:
         now, old = _now(), _stored_status(status)
         with metrics.reconcile_timer("create"):
             known = (namespace, name) in indexes["trainer_jobs"]
-            if old.phase in st.TERMINAL:
+            if old.phase in st.TERMINAL or (old.jobName and known):
                 # Operator restart: nothing to create; the timer carries the status on.
                 metrics.job_state(namespace, name, old.phase, old.progress, _created(meta), now)
                 return
