@@ -267,6 +267,17 @@ def test_rbac_is_least_privilege(values: Path) -> None:
         assert ("", "secrets") not in grants  # trainer pods reference Secrets; we never read them
 
 
+def test_optional_crd_watch_is_cluster_wide_only() -> None:
+    optional = ("apiextensions.k8s.io", "customresourcedefinitions")
+    assert optional[0] in k8s.__doc__ and optional[1] in k8s.__doc__  # documented as optional
+    cluster = helm_render(variant("default"), sets=["rbac.watchCRDs=true"])
+    grants = granted(one(cluster, "ClusterRole"))
+    assert grants.pop(optional) == {"list", "watch"}
+    assert grants == operator_needs()
+    namespaced = helm_render(variant("namespaced"), sets=["rbac.watchCRDs=true"])
+    assert granted(one(namespaced, "Role")) == operator_needs()  # a Role cannot grant it
+
+
 def test_cluster_mode_uses_a_cluster_role_bound_to_the_service_account() -> None:
     objects = helm_render(variant("default"))
     assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
