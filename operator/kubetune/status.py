@@ -40,6 +40,7 @@ JOB_SUSPENDED = "JobSuspended"
 JOB_RESUMED = "JobResumed"
 NOT_SUSPENDED = "NotSuspended"
 POD_PENDING = "PodPending"
+QUEUED = "Queued"
 UNSCHEDULABLE = "Unschedulable"
 IMAGE_PULL_FAILED = "ImagePullBackOff"
 CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
@@ -505,6 +506,14 @@ def compute(
         conds = set_condition(conds, RUNNING, "False", reason, message, now=now, generation=g)
         conds = set_condition(conds, SUCCEEDED, "False", reason, message, now=now, generation=g)
         conds = set_condition(conds, FAILED, "True", reason, message, now=now, generation=g)
+    elif suspended and not spec.suspend and spec.scheduling.queueName:
+        # Kueue creates the Job suspended and unsuspends it when the queue admits it.
+        phase = "Pending"
+        message = f"queued in Kueue LocalQueue {spec.scheduling.queueName}: waiting for admission"
+        conds = set_condition(
+            conds, SUSPENDED, "False", NOT_SUSPENDED, "not suspended", now=now, generation=g
+        )
+        conds = set_condition(conds, RUNNING, "False", QUEUED, message, now=now, generation=g)
     elif suspended:
         phase = "Suspended"
         message = "suspended: no pods run; set spec.suspend to false to resume"

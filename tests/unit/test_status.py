@@ -107,6 +107,9 @@ GATE_FAILED_RESULT = termination_message(
     )
 )
 
+# The user asked for suspend (otherwise a suspended Job with a queueName is Kueue's doing).
+SPECS = {"suspended": SPEC.model_copy(update={"suspend": True})}
+
 # (case, job, pods) -> (phase, Running reason or the condition that decides, text in message)
 TABLE = [
     ("no pod yet", job(), [], "Pending", ("Running", "False", "PodPending"), "waiting"),
@@ -214,7 +217,7 @@ def test_status_table(
     decides: tuple[str, str, str],
     text: str,
 ) -> None:
-    new = compute(j, pods)
+    new = compute(j, pods, spec=SPECS.get(case, SPEC))
     assert new.phase == phase
     c = cond(new, decides[0])
     assert (c.status, c.reason) == decides[1:]
@@ -247,6 +250,17 @@ def test_success_without_a_readable_result_uses_report_json_else_unknown() -> No
     new = compute(j, lost, report=report)
     assert new.metrics is not None and new.metrics.tuned == {"loss": 1.0}
     assert new.message == "from report.json"
+
+
+def test_kueue_holding_the_job_is_pending_not_suspended() -> None:
+    held = job(suspend=True)  # Kueue's webhook suspended it; the user did not
+    new = compute(held, [])
+    assert new.phase == "Pending"
+    running = cond(new, "Running")
+    assert running.reason == "Queued" and "LocalQueue ml-team" in running.message
+    assert cond(new, "Suspended").status == "False"
+    user_suspended = SPEC.model_copy(update={"suspend": True})
+    assert compute(held, [], spec=user_suspended).phase == "Suspended"
 
 
 def test_terminal_status_is_final() -> None:
