@@ -212,6 +212,7 @@ def test_killed_pod_resumes_from_checkpoint(cluster: Cluster, bucket: str, s3_se
     cluster.kubelet.kill("default", "e2e-kill-trainer", signal.SIGKILL)
     status = cluster.wait_phase("e2e-kill", "Succeeded", timeout=180)
     assert status["attempts"] == 2
+    assert "Retrying" in [e["reason"] for e in cluster.events("e2e-kill")]
     logs = [p.read_text() for p in cluster.kubelet.logs if "e2e-kill" in str(p)]
     assert len(logs) == 2
     assert "resum" in logs[1].lower(), logs[1][-2000:]
