@@ -57,6 +57,19 @@ def _parse(body: Mapping[str, Any]) -> api.FineTuneJob:
     )
 
 
+def _policy_errors(job: api.FineTuneJob, policy: api.Policy) -> list[str]:
+    """The trainer's own license gate, run before any pod is scheduled: a dataset the platform
+    does not allow fails at once instead of after a GPU was found and the image pulled."""
+    from kubetune_trainer.data import check_license  # stdlib-only module
+    from kubetune_trainer.errors import UserError
+
+    try:
+        check_license(job.spec.dataset.license, policy)
+    except UserError as error:
+        return [str(error)]
+    return []
+
+
 def _write(patch: kopf.Patch, old: api.FineTuneJobStatus, new: api.FineTuneJobStatus) -> None:
     changes = st.patch_for(old, new, now=_now(), min_progress_interval=0)
     if changes:
@@ -118,8 +131,11 @@ class Operator:
                 return
             try:
                 job = _parse(body)
+                problems = _policy_errors(job, self.policy)
             except ValidationError as error:
-                new = st.invalid(api.format_errors(error), generation=generation, now=now)
+                problems = api.format_errors(error)
+            if problems:
+                new = st.invalid(problems, generation=generation, now=now)
             else:
                 children = await self.ensure_children(job, uid)
                 created = st.created(

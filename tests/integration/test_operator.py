@@ -414,7 +414,12 @@ def test_namespaced_operator_ignores_other_namespaces(tmp_path: Path) -> None:
     try:
         for ns in ("team-a", "team-b"):  # kopf waits for a watched namespace to exist
             c.kube.create("v1", "namespaces", None, {"metadata": {"name": ns}})
-        c.start_operator("--namespace", "team-a", KUBETUNE_LOG_FORMAT="json")
+        c.start_operator(
+            "--namespace",
+            "team-a",
+            KUBETUNE_LOG_FORMAT="json",
+            KUBETUNE_LICENSE_ALLOWLIST="CC0-1.0, Apache-2.0",
+        )
         for ns in ("team-b", "team-a"):
             doc = manifest("iota")
             doc["metadata"]["namespace"] = ns
@@ -424,6 +429,28 @@ def test_namespaced_operator_ignores_other_namespaces(tmp_path: Path) -> None:
         other = c.kube.get(FTJ, "finetunejobs", "team-b", "iota")
         assert "status" not in other and not other["metadata"].get("finalizers")
         assert c.kube.get("batch/v1", "jobs", "team-b", "iota-trainer") is None
+        # The platform's license allow-list is enforced before any pod is scheduled.
+        refused = manifest("kappa")
+        refused["metadata"]["namespace"] = "team-a"
+        refused["spec"]["dataset"]["license"] = {"name": "CC-BY-NC-4.0", "usage": "research"}
+        c.kube.create(FTJ, "finetunejobs", "team-a", refused)
+        status = wait_for(
+            "kappa refused",
+            lambda: (
+                (s := (c.ftj("kappa", "team-a") or {}).get("status") or {}).get("phase") == "Failed"
+                and s
+            ),
+        )
+        validated = condition(status, "Validated")
+        assert validated["status"] == "False"
+        assert "spec.dataset.license.name" in validated["message"]
+        assert "CC0-1.0" in validated["message"]  # says what is allowed
+        assert c.kube.get("batch/v1", "jobs", "team-a", "kappa-trainer") is None
+        config = c.kube.get("v1", "configmaps", "team-a", "iota-config")
+        assert json.loads(config["data"]["config.json"])["policy"]["allowedLicenses"] == [
+            "CC0-1.0",
+            "Apache-2.0",
+        ]
         lines = [ln for ln in c.operator_logs[-1].read_text().splitlines() if ln.startswith("{")]
         assert lines and all("message" in json.loads(ln) for ln in lines)  # KUBETUNE_LOG_FORMAT
     except BaseException:
