@@ -480,3 +480,19 @@ def test_kubectl_applies_the_examples(cluster: Cluster, example: str) -> None:
     assert job["spec"]["completions"] == nodes
     service = cluster.kube.get("v1", "services", namespace, f"{name}-nodes")
     assert (service is not None) == (nodes > 1)
+
+
+def test_a_deleted_job_is_made_again(cluster: Cluster) -> None:
+    create(cluster, manifest("lam"))
+    first = trainer_job(cluster, "lam")
+    cluster.wait_phase("lam", "Pending")
+    cluster.kube.delete("batch/v1", "jobs", "default", "lam-trainer")
+    again = wait_for(
+        "a new lam-trainer Job",
+        lambda: (
+            (j := cluster.kube.get("batch/v1", "jobs", "default", "lam-trainer"))
+            and j["metadata"]["uid"] != first["metadata"]["uid"]
+            and j
+        ),
+    )
+    assert again["spec"]["template"] == first["spec"]["template"]
