@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.support import s3 as s3_support
+from tests.support.crd_schema import schema_errors
 from tests.support.operator_harness import ROOT, Cluster, wait_for
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -173,6 +174,25 @@ def test_apply_to_succeeded_with_artifacts_in_s3_across_an_operator_restart(
     assert reasons.count("TrainerRunning") == 1  # the restart did not flip Running -> Pending
     out = cluster.kubectl("get", "ftj", "e2e-ok", "-o", "jsonpath={.status.phase}")
     assert out == "Succeeded"
+    stored = cluster.ftj("e2e-ok")
+    assert stored is not None  # and the status is one the real API server's schema accepts:
+    assert schema_errors({k: stored[k] for k in ("apiVersion", "kind", "spec", "status")}) == []
+
+
+def test_bad_spec_is_refused_and_nothing_runs(
+    cluster: Cluster, bucket: str, s3_server: str
+) -> None:
+    # A cluster that enforces the CRD schema refuses this at apply time; the emulator does not,
+    # so this is the operator's own check (as on a cluster without the schema).
+    bad = yaml.safe_load(manifest("e2e-spec", bucket, s3_server))
+    bad["spec"]["method"]["lora"]["r"] = 0
+    cluster.kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(bad))
+    status = cluster.wait_phase("e2e-spec", "Failed", timeout=30)
+    validated = next(c for c in status["conditions"] if c["type"] == "Validated")
+    assert validated["reason"] == "SpecInvalid" and "spec.method.lora.r" in validated["message"]
+    assert "SpecInvalid" in [e["reason"] for e in cluster.events("e2e-spec")]
+    assert cluster.kube.list("batch/v1", "jobs", "default") == []
+    assert cluster.kubelet is not None and not cluster.kubelet.logs  # no trainer ever ran
 
 
 def test_trainer_user_error_fails_the_job_at_once(

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from kubetune import api
+from tests.support.crd_schema import schema_errors
 from tests.support.kubelet import free_port
 from tests.support.operator_harness import FTJ, Cluster, wait_for
 
@@ -266,6 +267,10 @@ def test_success_carries_metrics_gates_artifacts(cluster: Cluster) -> None:
         },
     )
     status = cluster.wait_phase("gamma", "Succeeded")
+    stored = cluster.ftj("gamma")
+    assert stored is not None
+    # What the operator wrote is what the real API server's CRD schema accepts.
+    assert schema_errors({k: stored[k] for k in ("apiVersion", "kind", "spec", "status")}) == []
     assert status["metrics"]["delta"]["loss"] == -0.8
     assert status["artifacts"]["adapter"] == "s3://out/run/adapter"
     assert status["reproducibility"]["seed"] == 42
@@ -313,6 +318,9 @@ def test_user_error_fails_with_the_trainers_message(cluster: Cluster) -> None:
         },
     )
     status = cluster.wait_phase("delta", "Failed")
+    stored = cluster.ftj("delta")
+    assert stored is not None
+    assert schema_errors({k: stored[k] for k in ("apiVersion", "kind", "spec", "status")}) == []
     failed = condition(status, "Failed")
     assert failed["reason"] == "UserError"
     assert "row 3: missing field 'output'" in failed["message"]
