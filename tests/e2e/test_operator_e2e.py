@@ -174,6 +174,10 @@ def test_apply_to_succeeded_with_artifacts_in_s3_across_an_operator_restart(
     assert reasons.count("TrainerRunning") == 1  # the restart did not flip Running -> Pending
     out = cluster.kubectl("get", "ftj", "e2e-ok", "-o", "jsonpath={.status.phase}")
     assert out == "Succeeded"
+    # The CRD's printer columns read what the operator writes (server-side Table).
+    header, row = cluster.kubectl("get", "ftj", "e2e-ok").splitlines()
+    assert header.split()[:4] == ["NAME", "PHASE", "PROGRESS", "LOSS"]
+    assert row.split()[:3] == ["e2e-ok", "Succeeded", "100"]
     stored = cluster.ftj("e2e-ok")
     assert stored is not None  # and the status is one the real API server's schema accepts:
     assert schema_errors({k: stored[k] for k in ("apiVersion", "kind", "spec", "status")}) == []

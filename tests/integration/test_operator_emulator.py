@@ -190,3 +190,26 @@ def test_protobuf_bodies_are_refused_clearly(kube: Kube) -> None:
             "POST", "/api/v1/namespaces/x/configmaps", {}, "application/vnd.kubernetes.protobuf"
         )
     assert error.value.code == 415
+
+
+def test_server_side_table_from_printer_columns(kube: Kube) -> None:
+    kube.create(FTJ, "finetunejobs", "t", {"metadata": {"name": "t1"}, "spec": {}})
+    kube.patch(
+        FTJ,
+        "finetunejobs",
+        "t",
+        "t1",
+        {"status": {"phase": "Running", "progress": {"percent": 12.5}}},
+        sub="status",
+    )
+    request = urllib.request.Request(
+        kube.url + "/apis/kubetune.io/v1alpha1/namespaces/t/finetunejobs",
+        headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        table = json.loads(response.read())
+    names = [c["name"] for c in table["columnDefinitions"]]
+    assert table["kind"] == "Table" and names[:3] == ["Name", "Phase", "Progress"]
+    (row,) = table["rows"]
+    assert row["cells"][:3] == ["t1", "Running", 12.5]
+    assert row["cells"][names.index("Age")].endswith("s")  # a date column is shown as an age

@@ -127,8 +127,11 @@ def _label_matcher(selector: str) -> Callable[[dict[str, str]], bool]:
                 terms.append((op.strip().replace("==", "="), key.strip(), vals))
                 break
         else:
-            terms.append(("!exists", raw[1:].strip(), set()) if raw.startswith("!") else
-                         ("exists", raw, set()))  # fmt: skip
+            terms.append(
+                ("!exists", raw[1:].strip(), set())
+                if raw.startswith("!")
+                else ("exists", raw, set())
+            )
 
     def check(labels: dict[str, str]) -> bool:
         for op, key, vals in terms:
@@ -236,6 +239,15 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _age(stamp: str) -> str:
+    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    seconds = max(0, int((datetime.now(UTC) - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 # --------------------------------------------------------------------------------------------
 # the emulator
 
@@ -287,6 +299,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.changed = asyncio.Event()
         self.counters = Counters()
         self._info: dict[tuple[str, str], tuple[references.resource, Any]] = {}
+        # CRD additionalPrinterColumns: `kubectl get` asks for a server-side Table.
+        self.printer_columns: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._index_resources()
 
     # ---- resource registry
@@ -305,6 +319,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if not version.get("served", True):
                 continue
             key = f"{spec['group']}/{version['name']}/{names['plural']}"
+            self.printer_columns[(spec["group"], names["plural"])] = list(
+                version.get("additionalPrinterColumns") or []
+            )
             self.resources[key] = references.ResourceInfo(
                 kind=names.get("kind"),
                 singular=names.get("singular"),
@@ -370,12 +387,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if "protobuf" in raw.headers.get("Content-Type", ""):
             # kubectl create/helm send protobuf for built-in kinds; `kubectl apply` sends JSON.
             raise ApiStatus(415, "UnsupportedMediaType", "protobuf bodies are not supported")
+        table = "as=Table" in raw.headers.get("Accept", "") and key in self.printer_columns
         if verb == "list":
-            return self._list(raw, p, res, info)
+            listed = self._list(raw, p, res, info)
+            return self._table(key, listed["items"], listed["metadata"]) if table else listed
         if verb == "create":
             return self._create(raw, p, res, info, await raw.json())
         if verb == "get":
-            return copy.deepcopy(self._get(key, p))
+            obj = copy.deepcopy(self._get(key, p))
+            return self._table(key, [obj], {"resourceVersion": str(self.rv)}) if table else obj
         if verb == "patch":
             return self._patch(raw, p, info, await raw.json())
         if verb == "update":
@@ -383,6 +403,56 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if verb == "delete":
             return self._delete(raw, p)
         raise ApiStatus(405, "MethodNotAllowed", f"{raw.method} is not supported")
+
+    def _table(
+        self, key: tuple[str, str], items: list[dict[str, Any]], meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A meta.k8s.io/v1 Table from the CRD's printer columns (simple .a.b.c JSONPaths)."""
+
+        def cell(obj: Any, column: dict[str, Any]) -> Any:
+            for part in column["jsonPath"].lstrip(".").split("."):
+                obj = obj.get(part) if isinstance(obj, dict) else None
+            if column.get("type") == "date" and isinstance(obj, str):
+                return _age(obj)  # the API server prints dates as ages
+            return obj
+
+        columns = [
+            {
+                "name": "Name",
+                "type": "string",
+                "format": "name",
+                "priority": 0,
+                "description": "Name of the object",
+            }
+        ]
+        columns += [
+            {
+                "name": c["name"],
+                "type": c.get("type", "string"),
+                "format": c.get("format", ""),
+                "priority": c.get("priority", 0),
+                "description": c.get("description", ""),
+            }
+            for c in self.printer_columns[key]
+        ]
+        rows = [
+            {
+                "cells": [o["metadata"]["name"]] + [cell(o, c) for c in self.printer_columns[key]],
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"],
+                },
+            }
+            for o in items
+        ]
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta,
+            "columnDefinitions": columns,
+            "rows": rows,
+        }
 
     # ---- store helpers
 
