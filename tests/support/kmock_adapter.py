@@ -17,6 +17,8 @@ semantics kopf, kubectl and our operator rely on:
 - finalizers and ``deletionTimestamp``; garbage collection of dependents by ownerReferences;
 - CustomResourceDefinitions: creating one serves its resource (kubectl apply -f crds/...);
 - ``/api/v1`` discovery reports ``groupVersion: v1`` (kmock says ``/v1``);
+- server-side ``Table`` output from a CRD's ``additionalPrinterColumns`` (``kubectl get ftj``);
+- protobuf bodies (``kubectl create``, helm) get a clear 415; ``kubectl apply`` sends JSON;
 - request counters (per verb and resource) for the operator benchmark.
 
 ``EmulatorThread`` runs it on a background event loop and writes a kubeconfig; ``Kube`` is a
