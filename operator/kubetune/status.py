@@ -493,7 +493,9 @@ def compute(
             conds, SUCCEEDED, "True", TRAINING_COMPLETE, message, now=now, generation=g
         )
         conds = set_condition(conds, FAILED, "False", FINISHED, message, now=now, generation=g)
-        conds = _gates_condition(conds, gates, result is not None, now=now, generation=g)
+        conds = _gates_condition(
+            conds, gates, result, len(spec.evaluation.gates), now=now, generation=g
+        )
     elif failed:
         phase = "Failed"
         gates, trainer_message = _apply_result(out, result or {})
@@ -574,18 +576,32 @@ def _failure_reason(failed: Mapping[str, Any], facts: PodFacts) -> str:
 def _gates_condition(
     conds: list[api.Condition],
     gates: list[api.GateResult],
-    have_result: bool,
+    result: Mapping[str, Any] | None,
+    declared: int,
     *,
     now: datetime,
     generation: int | None,
 ) -> list[api.Condition]:
-    if not have_result:
+    if result is None:
         return set_condition(
             conds,
             GATES_PASSED,
             "Unknown",
             NOT_EVALUATED,
             "the trainer's result could not be read",
+            now=now,
+            generation=generation,
+        )
+    if declared and len(gates) < declared:
+        # The trainer drops fields to fit the 4 KB termination message: never read a missing
+        # gate as a passed one.
+        return set_condition(
+            conds,
+            GATES_PASSED,
+            "Unknown",
+            NOT_EVALUATED,
+            f"{declared - len(gates)} of {declared} gate result(s) missing from the trainer's "
+            "result; see report.json",
             now=now,
             generation=generation,
         )

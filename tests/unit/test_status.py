@@ -402,3 +402,17 @@ def test_events_for_transitions() -> None:
         e.reason for e in st.transitions(running.model_copy(update={"attempts": 1}), retry)
     ] == ["Retrying"]
     assert st.transitions(running, running) == []
+
+
+def test_gates_dropped_from_an_oversized_result_are_not_read_as_passed() -> None:
+    # The trainer drops fields to fit 4 KB; a spec with gates and a result without them is
+    # Unknown, never "no gates declared".
+    j = job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    without_gates = termination_message(
+        api.FineTuneJobStatus(phase="Succeeded", message="trained", metrics=api.Metrics())
+    )
+    new = compute(j, [pod("Succeeded", terminated(0, without_gates, "Completed"))])
+    assert len(SPEC.evaluation.gates) == 1
+    gates = cond(new, "GatesPassed")
+    assert (gates.status, gates.reason) == ("Unknown", "NotEvaluated")
+    assert "1 of 1 gate result(s) missing" in gates.message
