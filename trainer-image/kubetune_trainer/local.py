@@ -83,10 +83,13 @@ class Bar:
             postfix["eval"] = f"{entry['evalLoss']:.4f}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
+        if entry["step"] >= entry["totalSteps"]:
+            self.close()  # evaluation and export follow; their lines go below the bar
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def summary(result: Result) -> str:
