@@ -37,11 +37,49 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo-model"
 CONTENDERS = ("kubetune", "hf-default", "hf-grouped")
-WORDS = (
-    "the a river city train garden morning letter station bridge field sea library road "
-    "kitchen house market light winter summer walks looks writes waits finds reads paints "
-    "visits remembers quickly slowly today again always never old new green blue small quiet"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "river",
+    "city",
+    "train",
+    "garden",
+    "morning",
+    "letter",
+    "station",
+    "bridge",
+    "field",
+    "sea",
+    "library",
+    "road",
+    "kitchen",
+    "house",
+    "market",
+    "light",
+    "winter",
+    "summer",
+    "walks",
+    "looks",
+    "writes",
+    "waits",
+    "finds",
+    "reads",
+    "paints",
+    "visits",
+    "remembers",
+    "quickly",
+    "slowly",
+    "today",
+    "again",
+    "always",
+    "never",
+    "old",
+    "new",
+    "green",
+    "blue",
+    "small",
+    "quiet",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,11 +209,11 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
 
     steps: list[float] = []
 
-    class Clock(TrainerCallback):  # type: ignore[misc]
+    class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             steps.append(time.monotonic())
 
-    extra = {"train_sampling_strategy": "group_by_length"} if grouped else {}
+    extra: dict[str, Any] = {"train_sampling_strategy": "group_by_length"} if grouped else {}
     arguments = TrainingArguments(
         output_dir="/tmp/kubetune-bench-hf",
         per_device_train_batch_size=8,
@@ -213,7 +251,12 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
 
 
 def child(contender: str, rows: int, max_len: int) -> None:
+    import peft  # noqa: F401  (imported before any clock starts: import time is not training)
     import torch
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
+
+    import kubetune_trainer.train  # noqa: F401
 
     torch.set_num_threads(2)
     if contender == "kubetune":
@@ -272,7 +315,8 @@ def main() -> None:
                 flush=True,
             )
     median = {
-        c: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for c, runs in results.items()
+        c: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for c, runs in results.items()
     }
     reference = median.get("hf-default")
     print(

@@ -1,0 +1,109 @@
+"""The other methods end to end on CPU: a full fine-tune (with gradient checkpointing, no
+packing) and QLoRA (bitsandbytes 4-bit nf4 base) with a merged export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetune import api
+from kubetune_trainer.__main__ import Options, run
+from tests.support import trainer_runs as tr
+
+
+def _run(tmp_path: Path, method: dict[str, object], **changes: object) -> dict[str, object]:
+    data = tr.write_rows(tmp_path / "rows.jsonl", 64)
+    spec = tr.spec_dict(data, tmp_path / "out", maxSteps=3, evalEverySteps=2)
+    spec["method"] = method
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        spec[section][name] = value
+    config = api.TrainerConfig(name="m", spec=api.FineTuneJobSpec.model_validate(spec))
+    result = run(config, Options(metrics_port=0, termination_log=None, log=lambda line: None))
+    assert result.status.phase == "Succeeded"
+    report: dict[str, object] = json.loads((tmp_path / "out" / "report.json").read_text())
+    return report
+
+
+@pytest.mark.timeout(300)
+def test_full_fine_tune_exports_a_model(tmp_path: Path) -> None:
+    report = _run(
+        tmp_path,
+        {"type": "full"},
+        training__gradientCheckpointing=True,
+        training__packing=False,
+        training__learningRate=1e-3,
+    )
+    out = tmp_path / "out"
+    assert (out / "model" / "manifest.json").is_file()
+    assert not (out / "adapter").exists()
+    model_info = report["model"]
+    assert isinstance(model_info, dict)
+    assert model_info["trainableParameters"] == model_info["parameters"]
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tr.DEMO_MODEL, use_safetensors=True)
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model", use_safetensors=True)
+    changed = [
+        n
+        for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
+    assert "model.layers.0.mlp.down_proj.weight" in changed
+    metrics = report["metrics"]
+    assert isinstance(metrics, dict)
+    assert set(metrics["base"]) == {"loss", "exactMatch"}  # scored before training
+
+
+def _aligned_model(folder: Path) -> Path:
+    """The demo tokenizer on a random Llama whose widths are multiples of 64: bitsandbytes'
+    4-bit CPU inference kernel needs that (the demo model's MLP is 352 wide)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tr.DEMO_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_and_merges(tmp_path: Path, bits: int) -> None:
+    quantization: dict[str, object] = {"bits": bits}
+    changes: dict[str, object] = {"output__mergeAdapter": True}
+    if bits == 4:
+        quantization.update(type="nf4", doubleQuant=True)
+        changes["model__source"] = str(_aligned_model(tmp_path / "aligned"))
+        changes["model__revision"] = None
+    report = _run(
+        tmp_path,
+        {
+            "type": "qlora",
+            "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
+            "quantization": quantization,
+        },
+        **changes,
+    )
+    out = tmp_path / "out"
+    for folder in ("adapter", "merged", "tokenizer"):
+        assert (out / folder / "manifest.json").is_file(), folder
+    training = report["training"]
+    assert isinstance(training, dict) and training["steps"] == 3
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", use_safetensors=True)
+    assert merged.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert not hasattr(merged.model.layers[0].mlp.down_proj, "quant_state")
