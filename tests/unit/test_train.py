@@ -164,3 +164,47 @@ def test_loss_curve_png(tmp_path: Path) -> None:
     history = [{"step": i, "loss": 1 / i} for i in range(1, 20)] + [{"step": 20, "evalLoss": 0.1}]
     path = report.loss_curve(history, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validation_loss_is_the_same_packed_or_padded() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune_trainer import packing
+    from kubetune_trainer.data import Example, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tr.DEMO_MODEL)
+    rows = [json.loads(line) for line in tr.QUICKSTART.read_text().splitlines()[:20]]
+    samples = [
+        encode(
+            Example(
+                id=str(i),
+                row=i + 1,
+                messages=(
+                    ("user", r["instruction"] + "\n\n" + r["input"]),
+                    ("assistant", r["output"]),
+                ),
+            ),
+            tokenizer,
+            128,
+        )
+        for i, r in enumerate(rows)
+    ]
+    model = AutoModelForCausalLM.from_pretrained(tr.DEMO_MODEL, use_safetensors=True)
+    losses = {}
+    for mode, attention in (("flat", packing.VARLEN), ("rows", "sdpa"), ("padded", "sdpa")):
+        model_stage.set_attention(model, attention)
+        setup = train.Setup(
+            model=model,
+            core=model,
+            train=[],
+            validation=samples,
+            spec=_training(batchSize=4),
+            max_len=128,
+            pad_id=tokenizer.pad_token_id,
+            device=torch.device("cpu"),
+            collate_mode=mode,
+        )
+        losses[mode] = train.validation_loss(setup)
+    assert losses["flat"] is not None
+    assert losses["rows"] == pytest.approx(losses["flat"], rel=1e-5)
+    assert losses["padded"] == pytest.approx(losses["flat"], rel=1e-5)

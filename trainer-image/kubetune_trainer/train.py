@@ -314,7 +314,11 @@ def validation_loss(setup: Setup) -> float | None:
     if not setup.validation:
         return None
     lengths = [len(s.input_ids) for s in setup.validation]
-    rows = packing.pack_rows(lengths, setup.max_len)
+    if setup.collate_mode == "padded":
+        # One sample per row: a padded batch carries a 2D mask, which must never span samples.
+        rows = [[i] for i in sorted(range(len(lengths)), key=lambda i: lengths[i])]
+    else:
+        rows = packing.pack_rows(lengths, setup.max_len)
     per_batch = max(1, round(setup.spec.batchSize * len(rows) / len(lengths)))
     batches = [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
     setup.model.eval()
