@@ -90,9 +90,16 @@ def check_license(config: api.TrainerConfig) -> None:
 
 @dataclass
 class DataStage:
-    dataset: Any
-    splits: Any
+    dataset: Any  # data.Dataset
+    splits: Any  # data.Splits
     source: str
+
+    def summary(self) -> str:
+        d, s = self.dataset, self.splits
+        return (
+            f"  {d.total_rows} rows ({len(d.invalid)} invalid): train {len(s.train)}, "
+            f"validation {len(s.validation)}, test {len(s.test)}"
+        )
 
 
 def load_data(config: api.TrainerConfig, options: Options, workdir: Path) -> DataStage:
@@ -123,6 +130,14 @@ def load_data(config: api.TrainerConfig, options: Options, workdir: Path) -> Dat
             f"validation {len(splits.validation)}, test {len(splits.test)})"
         )
     return DataStage(dataset, splits, spec.source)
+
+
+def commit_splits(data: DataStage, output: Any, workdir: Path) -> None:
+    """Per-split row ids and their sha256, committed to <output>/splits/ (versioned splits)."""
+    from .data import write_split_manifests
+
+    write_split_manifests(data.splits, workdir / "splits")
+    output.commit_dir(workdir / "splits", "splits")
 
 
 def fetch_model(config: api.TrainerConfig, options: Options, workdir: Path) -> Path:
@@ -226,24 +241,265 @@ def evaluate(
     return metrics, check_gates(list(config.spec.evaluation.gates), metrics), notes
 
 
+@dataclass
+class ModelStage:
+    model: Any  # the PeftModel (lora, qlora) or the model itself (full)
+    tokenizer: Any
+    model_dir: Path
+    device: Any
+    base_before: dict[str, float] | None  # a full fine-tune's base scores, taken before training
+    trainable: int
+    total: int
+
+
+def load_model(
+    config: api.TrainerConfig, options: Options, test: list[Any], main: bool, workdir: Path
+) -> ModelStage:
+    from . import model as model_stage
+    from .train import seed_everything
+
+    spec = config.spec
+    seed_everything(spec.training.seed)  # before LoRA init
+    model_dir = fetch_model(config, options, workdir)
+    device = model_stage.pick_device()
+    tokenizer = model_stage.load_tokenizer(model_dir, spec.model)
+    model = model_stage.load_base(model_dir, spec, device)
+    base_before = None
+    if spec.method.type == "full" and spec.evaluation.compareToBase and main:
+        # A full fine-tune overwrites the base weights: score them first.
+        base_before, _ = score(config, options, model, tokenizer, test, device)
+    model = model_stage.apply_method(model, spec)
+    trainable, total = model_stage.count_parameters(model)
+    return ModelStage(model, tokenizer, model_dir, device, base_before, trainable, total)
+
+
+@dataclass
+class Trained:
+    state: Any  # train.TrainState
+    plan: Any  # train.Plan
+    resumed_from: str | None
+    attention: str
+    truncated: dict[str, int]
+
+
+def train_model(
+    config: api.TrainerConfig,
+    options: Options,
+    m: ModelStage,
+    splits: Any,
+    world: Any,
+    output: Any,
+    telemetry: Any,
+    log: Log,
+) -> Trained:
+    """Encode, plan, restore the newest checkpoint, run the loop; leaves m.model unwrapped,
+    in eval mode and on plain sdpa attention for evaluation and export."""
+    from . import model as model_stage
+    from . import train as train_stage
+    from .data import encode_all
+
+    spec = config.spec
+    max_len = spec.dataset.maxSeqLength
+    train_rows, train_cut = encode_all(
+        splits.train, m.tokenizer, max_len, train_on_prompt=spec.dataset.trainOnPrompt
+    )
+    val_rows, val_cut = encode_all(splits.validation, m.tokenizer, max_len)
+    attention = model_stage.attention_for(m.device) if spec.training.packing else "sdpa"
+    model_stage.set_attention(m.model, attention)
+    wrapped = m.model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [m.device.index] if m.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(m.model, device_ids=device_ids)
+    lengths = [len(r.input_ids) for r in train_rows]
+    plan = train_stage.make_plan(lengths, spec.training, max_len, world)
+    optimizer, scheduler = train_stage.build_optimizer(m.model, spec.training, plan.total_steps)
+    resumed = train_stage.load_checkpoint(output, m.model, optimizer, scheduler)
+    state = resumed[0] if resumed else train_stage.TrainState()
+    if resumed:
+        log(f"  resumed from {resumed[1]} (step {state.step}/{plan.total_steps})")
+    log(
+        f"  {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), packing "
+        f"{spec.training.packing}, attention {attention}, "
+        f"{len(train_rows)} train rows ({train_cut} truncated)"
+    )
+    setup = train_stage.Setup(
+        model=wrapped,
+        core=m.model,
+        train=train_rows,
+        validation=val_rows,
+        spec=spec.training,
+        max_len=max_len,
+        pad_id=m.tokenizer.pad_token_id,
+        device=m.device,
+        world=world,
+        storage=output,
+        collate_mode="flat" if spec.training.packing else "padded",
+    )
+    state = train_stage.train(
+        setup,
+        optimizer,
+        scheduler,
+        state,
+        plan,
+        telemetry=telemetry,
+        progress=options.progress if world.main else None,
+        log=log,
+    )
+    if state.stopped_early:
+        log(f"  early stop at step {state.step} (best eval loss {state.best_eval})")
+    model_stage.set_attention(m.model, "sdpa")
+    m.model.eval()
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    truncated = {"train": train_cut, "validation": val_cut}
+    return Trained(state, plan, resumed[1] if resumed else None, attention, truncated)
+
+
+def final_status(
+    config: api.TrainerConfig,
+    data: DataStage,
+    m: ModelStage,
+    trained: Trained,
+    results: tuple[api.Metrics, list[api.GateResult]],
+    artifacts: api.Artifacts,
+) -> api.FineTuneJobStatus:
+    """What the operator copies into the FineTuneJob's status (via the termination message)."""
+    from . import model as model_stage
+    from . import report as report_stage
+
+    metrics, gates = results
+    state, spec = trained.state, config.spec
+    last = state.history[-1] if state.history else {}
+    evals = [h["evalLoss"] for h in state.history if "evalLoss" in h]
+    message = f"trained {state.step} steps" + (" (early stop)" if state.stopped_early else "")
+    message += f"; gates {'passed' if all(g.passed for g in gates) else 'FAILED'}"
+    return api.FineTuneJobStatus(
+        phase="Succeeded",
+        message=message,
+        progress=api.Progress(
+            step=state.step,
+            totalSteps=trained.plan.total_steps,
+            percent=100.0,
+            etaSeconds=0,
+            loss=last.get("loss"),
+            evalLoss=evals[-1] if evals else None,
+        ),
+        metrics=metrics,
+        gates=gates,
+        artifacts=artifacts,
+        reproducibility=api.Reproducibility(
+            dataHash=data.dataset.sha256,
+            splitHashes=dict(data.splits.hashes),
+            modelRevision=spec.model.revision,
+            modelHash=model_stage.weights_hash(m.model_dir),
+            seed=spec.training.seed,
+            configHash=report_stage.config_hash(config),
+            image=config.image,
+        ),
+    )
+
+
+def build_report(
+    config: api.TrainerConfig,
+    status: api.FineTuneJobStatus,
+    data: DataStage,
+    m: ModelStage,
+    trained: Trained,
+    notes: list[str],
+    world_size: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """report.json: everything about the run."""
+    from . import model as model_stage
+    from . import report as report_stage
+
+    spec, state, dataset, splits = config.spec, trained.state, data.dataset, data.splits
+    reproducibility = status.reproducibility or api.Reproducibility()
+    return {
+        "name": config.name,
+        "namespace": config.namespace,
+        "uid": config.uid,
+        "config": config.to_api(),
+        "configHash": reproducibility.configHash,
+        "status": status.to_api(),
+        "data": {
+            "source": data.source,
+            "sha256": dataset.sha256,
+            "format": dataset.format,
+            "totalRows": dataset.total_rows,
+            "invalidRows": len(dataset.invalid),
+            "invalidShown": [{"row": r, "reason": why} for r, why in dataset.invalid[:20]],
+            "duplicateRows": len(dataset.duplicates),
+            "splits": {
+                name: {"rows": len(part), "sha256": splits.hashes.get(name)}
+                for name, part in splits.items()
+            },
+            "truncated": trained.truncated,
+        },
+        "model": {
+            "source": spec.model.source,
+            "revision": spec.model.revision,
+            "license": spec.model.license,
+            "weightsHash": reproducibility.modelHash,
+            "parameters": m.total,
+            "trainableParameters": m.trainable,
+            "method": spec.method.type,
+            "device": str(m.device),
+            "dtype": str(model_stage.train_dtype(spec.training.precision, m.device)),
+            "attention": trained.attention,
+        },
+        "training": {
+            "totalSteps": trained.plan.total_steps,
+            "steps": state.step,
+            "stepsPerEpoch": trained.plan.steps_per_epoch,
+            "worldSize": world_size,
+            "stoppedEarly": state.stopped_early,
+            "bestEvalLoss": state.best_eval,
+            "resumedFrom": trained.resumed_from,
+            "realTokens": state.tokens * world_size,
+            "trainSeconds": state.train_seconds,
+            "peakMemoryBytes": report_stage.peak_memory_bytes(),
+        },
+        "history": state.history,
+        "metrics": status.metrics.to_api() if status.metrics else {},
+        "gates": [g.to_api() for g in status.gates],
+        "evaluationNotes": notes,
+        "artifacts": status.artifacts.to_api() if status.artifacts else {},
+        "packages": report_stage.package_versions(),
+        "timings": timings,
+    }
+
+
+def write_report(output: Any, workdir: Path, report: dict[str, Any]) -> None:
+    """The loss curve, then report.json (last: its presence means the run finished)."""
+    from . import report as report_stage
+
+    report_stage.loss_curve(report["history"], workdir / "loss-curve.png")
+    report_stage.write_json(workdir / "report.json", report)
+    output.write_bytes("loss-curve.png", (workdir / "loss-curve.png").read_bytes())
+    output.write_bytes("report.json", (workdir / "report.json").read_bytes())
+
+
 # ---------------------------------------------------------------------------------------------
 # the recipe
 
 
 def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
-    from . import export as export_stage
-    from . import model as model_stage
-    from . import report as report_stage
-    from . import train as train_stage
-    from .data import encode_all, write_split_manifests
+    from .export import export
+    from .report import Telemetry
     from .storage import Storage
 
     options = options or Options()
-    log, timer, spec = options.log, Timer(), config.spec
+    spec, timer = config.spec, Timer()
     world = init_distributed()
-    quiet: Log = log if world.main else (lambda line: None)
+    log: Log = options.log if world.main else (lambda line: None)
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="kubetune-"))
-    telemetry = report_stage.Telemetry(options.metrics_port if world.main else 0)
+    telemetry = Telemetry(options.metrics_port if world.main else 0)
     output = Storage.open(
         spec.output.destination,
         spec.storage.s3,
@@ -251,201 +507,34 @@ def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
         field="spec.output.destination",
     )
     try:
-        with timer.stage("license", quiet):
+        with timer.stage("license", log):
             check_license(config)
-        with timer.stage("data", quiet):
+        with timer.stage("data", log):
             data = load_data(config, options, workdir)
-            splits = data.splits
             if world.main:
-                write_split_manifests(splits, workdir / "splits")
-                output.commit_dir(workdir / "splits", "splits")
-            quiet(
-                f"  {data.dataset.total_rows} rows ({len(data.dataset.invalid)} invalid): "
-                f"train {len(splits.train)}, validation {len(splits.validation)}, "
-                f"test {len(splits.test)}"
-            )
-        with timer.stage("model", quiet):
-            train_stage.seed_everything(spec.training.seed)
-            model_dir = fetch_model(config, options, workdir)
-            device = model_stage.pick_device()
-            tokenizer = model_stage.load_tokenizer(model_dir, spec.model)
-            model = model_stage.load_base(model_dir, spec, device)
-            base_before = None
-            if spec.method.type == "full" and spec.evaluation.compareToBase and world.main:
-                # A full fine-tune overwrites the base weights: score them first.
-                base_before, _ = score(config, options, model, tokenizer, splits.test, device)
-            model = model_stage.apply_method(model, spec)
-            trainable, total = model_stage.count_parameters(model)
-            quiet(f"  {total:,} parameters, {trainable:,} trainable ({spec.method.type})")
-        with timer.stage("train", quiet):
-            max_len = spec.dataset.maxSeqLength
-            train_rows, train_cut = encode_all(
-                splits.train, tokenizer, max_len, train_on_prompt=spec.dataset.trainOnPrompt
-            )
-            val_rows, val_cut = encode_all(splits.validation, tokenizer, max_len)
-            attention = model_stage.attention_for(device)
-            mode = "flat" if spec.training.packing else "padded"
-            if spec.training.packing:
-                model_stage.set_attention(model, attention)
-            core = model
-            if world.size > 1:
-                from torch.nn.parallel import DistributedDataParallel
-
-                model = DistributedDataParallel(
-                    core, device_ids=[device.index] if device.type == "cuda" else None
-                )
-            plan = train_stage.make_plan(
-                [len(r.input_ids) for r in train_rows], spec.training, max_len, world
-            )
-            optimizer, scheduler = train_stage.build_optimizer(
-                core, spec.training, plan.total_steps
-            )
-            resumed = train_stage.load_checkpoint(output, core, optimizer, scheduler)
-            state = train_stage.TrainState()
-            if resumed is not None:
-                state = resumed[0]
-                quiet(f"  resumed from {resumed[1]} (step {state.step}/{plan.total_steps})")
-            quiet(
-                f"  {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), packing "
-                f"{spec.training.packing}, attention "
-                f"{attention if spec.training.packing else 'sdpa'}, "
-                f"{len(train_rows)} train rows ({train_cut} truncated)"
-            )
-            setup = train_stage.Setup(
-                model=model,
-                core=core,
-                train=train_rows,
-                validation=val_rows,
-                spec=spec.training,
-                max_len=max_len,
-                pad_id=tokenizer.pad_token_id,
-                device=device,
-                world=world,
-                storage=output,
-                collate_mode=mode,
-            )
-            state = train_stage.train(
-                setup,
-                optimizer,
-                scheduler,
-                state,
-                plan,
-                telemetry=telemetry,
-                progress=options.progress if world.main else None,
-                log=quiet,
-            )
-            if state.stopped_early:
-                quiet(f"  early stop at step {state.step} (best eval loss {state.best_eval})")
-            model = core
-            model_stage.set_attention(model, "sdpa")
-            model.eval()
-            if world.size > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
-                dist.destroy_process_group()
+                commit_splits(data, output, workdir)
+            log(data.summary())
+        with timer.stage("model", log):
+            m = load_model(config, options, data.splits.test, world.main, workdir)
+            log(f"  {m.total:,} parameters, {m.trainable:,} trainable ({spec.method.type})")
+        with timer.stage("train", log):
+            trained = train_model(config, options, m, data.splits, world, output, telemetry, log)
         if not world.main:
-            return Result(api.FineTuneJobStatus(phase="Succeeded"), {}, [])
-        with timer.stage("evaluate", quiet):
+            return Result(api.FineTuneJobStatus(phase="Succeeded"), {}, [])  # rank 0 reports
+        with timer.stage("evaluate", log):
             metrics, gates, notes = evaluate(
-                config, options, model, tokenizer, splits.test, device, base_before
+                config, options, m.model, m.tokenizer, data.splits.test, m.device, m.base_before
             )
-        with timer.stage("export", quiet):
-            artifacts = export_stage.export(model, tokenizer, spec, output, model_dir)
-        with timer.stage("report", quiet):
-            last = state.history[-1] if state.history else {}
-            evals = [h["evalLoss"] for h in state.history if "evalLoss" in h]
-            status = api.FineTuneJobStatus(
-                phase="Succeeded",
-                message=(
-                    f"trained {state.step} steps"
-                    + (" (early stop)" if state.stopped_early else "")
-                    + f"; gates {'passed' if all(g.passed for g in gates) else 'FAILED'}"
-                ),
-                progress=api.Progress(
-                    step=state.step,
-                    totalSteps=plan.total_steps,
-                    percent=100.0,
-                    etaSeconds=0,
-                    loss=last.get("loss"),
-                    evalLoss=evals[-1] if evals else None,
-                ),
-                metrics=metrics,
-                gates=gates,
-                artifacts=artifacts,
-                reproducibility=api.Reproducibility(
-                    dataHash=data.dataset.sha256,
-                    splitHashes=dict(splits.hashes),
-                    modelRevision=spec.model.revision,
-                    modelHash=model_stage.weights_hash(model_dir),
-                    seed=spec.training.seed,
-                    configHash=report_stage.config_hash(config),
-                    image=config.image,
-                ),
-            )
+        with timer.stage("export", log):
+            artifacts = export(m.model, m.tokenizer, spec, output, m.model_dir)
             artifacts.report = output.uri_for("report.json")
             artifacts.lossCurve = output.uri_for("loss-curve.png")
-            report = {
-                "name": config.name,
-                "namespace": config.namespace,
-                "uid": config.uid,
-                "config": config.to_api(),
-                "configHash": report_stage.config_hash(config),
-                "status": status.to_api(),
-                "data": {
-                    "source": data.source,
-                    "sha256": data.dataset.sha256,
-                    "format": data.dataset.format,
-                    "totalRows": data.dataset.total_rows,
-                    "invalidRows": len(data.dataset.invalid),
-                    "invalidShown": [
-                        {"row": r, "reason": why} for r, why in data.dataset.invalid[:20]
-                    ],
-                    "duplicateRows": len(data.dataset.duplicates),
-                    "splits": {
-                        name: {"rows": len(part), "sha256": splits.hashes.get(name)}
-                        for name, part in splits.items()
-                    },
-                    "truncated": {"train": train_cut, "validation": val_cut},
-                },
-                "model": {
-                    "source": spec.model.source,
-                    "revision": spec.model.revision,
-                    "license": spec.model.license,
-                    "weightsHash": status.reproducibility.modelHash
-                    if status.reproducibility
-                    else None,
-                    "parameters": total,
-                    "trainableParameters": trainable,
-                    "method": spec.method.type,
-                    "device": str(device),
-                    "dtype": str(model_stage.train_dtype(spec.training.precision, device)),
-                    "attention": attention if spec.training.packing else "sdpa",
-                },
-                "training": {
-                    "totalSteps": plan.total_steps,
-                    "steps": state.step,
-                    "stepsPerEpoch": plan.steps_per_epoch,
-                    "worldSize": world.size,
-                    "stoppedEarly": state.stopped_early,
-                    "bestEvalLoss": state.best_eval,
-                    "resumedFrom": resumed[1] if resumed else None,
-                    "realTokens": state.tokens * world.size,
-                    "trainSeconds": state.train_seconds,
-                    "peakMemoryBytes": report_stage.peak_memory_bytes(),
-                },
-                "history": state.history,
-                "metrics": metrics.to_api(),
-                "gates": [g.to_api() for g in gates],
-                "evaluationNotes": notes,
-                "artifacts": artifacts.to_api(),
-                "packages": report_stage.package_versions(),
-                "timings": timer.seconds,
-            }
-            report_stage.write_json(workdir / "report.json", report)
-            report_stage.loss_curve(state.history, workdir / "loss-curve.png")
-            output.write_bytes("loss-curve.png", (workdir / "loss-curve.png").read_bytes())
-            output.write_bytes("report.json", (workdir / "report.json").read_bytes())
+        with timer.stage("report", log):
+            status = final_status(config, data, m, trained, (metrics, gates), artifacts)
+            report = build_report(
+                config, status, data, m, trained, notes, world.size, timer.seconds
+            )
+            write_report(output, workdir, report)
         return Result(status, report, notes)
     finally:
         telemetry.close()
