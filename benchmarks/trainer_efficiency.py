@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/trainer_efficiency.py --rounds 1 --rows 128   # a quick look
 
 Same model (examples/demo-model: Llama, hidden 128, 2 layers), same data (synthetic alpaca rows,
-median ~156 tokens, long tail to 1,024), same hyperparameters (LoRA r=8 on all linear layers,
+median ~178 tokens, long tail to 1,024), same hyperparameters (LoRA r=8 on all linear layers,
 batch 8, lr 2e-4, cosine, 1 epoch, fp32, 2 threads, completion-only loss). Every run is a
 fresh process (so peak RSS is per contender); contenders alternate within each round and the
 median of the rounds is reported. Measured per run: real (non-padding) tokens per second over
@@ -87,7 +87,7 @@ WORDS = [
 
 
 def make_rows(count: int, seed: int) -> list[dict[str, str]]:
-    """Alpaca rows whose lengths follow a long-tailed distribution (median ~156 tokens)."""
+    """Alpaca rows whose lengths follow a long-tailed distribution (median ~178 tokens)."""
     rng = random.Random(seed)
     rows = []
     for i in range(count):
