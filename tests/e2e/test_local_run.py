@@ -66,6 +66,7 @@ def test_kubetune_run_trains_and_reports(tmp_path: Path) -> None:
         metrics["tuned"]["loss"] - metrics["base"]["loss"]
     )
     assert report["training"]["steps"] == 12
+    assert 0 < report["training"]["trainSeconds"] <= report["timings"]["train"]
     assert len(report["history"]) == 12
     assert report["status"]["reproducibility"]["dataHash"] == report["data"]["sha256"]
     assert set(report["data"]["splits"]) == {"train", "validation", "test"}

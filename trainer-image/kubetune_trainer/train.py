@@ -355,7 +355,7 @@ def train(
     accum = spec.gradientAccumulationSteps
     params = list(trainable_parameters(setup.core).values())
     started, steps_at_start, tokens_at_start = time.monotonic(), state.step, state.tokens
-    last = started
+    previous = started
     model.train()
     flag = StopFlag()
     with flag.installed():
@@ -378,9 +378,9 @@ def train(
             targets = _all_reduce(float(sum(c.targets for c in collated)), world, setup.device)
             step_loss = 0.0
             for i, batch in enumerate(collated):
-                last = i == len(collated) - 1
+                final_micro = i == len(collated) - 1
                 sync = contextlib.nullcontext()
-                if world.size > 1 and not last:
+                if world.size > 1 and not final_micro:
                     sync = model.no_sync()  # type: ignore[operator]
                 with sync:
                     loss_sum = _loss_sum(model, _to_device(batch.inputs, setup.device))
@@ -410,8 +410,8 @@ def train(
                     entry["evalLoss"] = round(eval_loss, 6)
                     _early_stopping(state, spec, eval_loss)
             state.history.append(entry)
-            state.train_seconds += now - last
-            last = now
+            state.train_seconds += now - previous
+            previous = now
             tokens_per_second = (
                 (state.tokens - tokens_at_start) * world.size / max(run_seconds, 1e-9)
             )
@@ -445,8 +445,8 @@ def train(
         state.train_seconds = round(state.train_seconds, 3)
     if setup.storage is not None and world.main:
         # A final checkpoint: a rerun after a failed export resumes here instead of retraining.
-        last = setup.storage.committed(CHECKPOINTS)
-        if not last or not last[-1].endswith(f"step-{state.step}"):
+        committed = setup.storage.committed(CHECKPOINTS)
+        if not committed or not committed[-1].endswith(f"step-{state.step}"):
             save_checkpoint(
                 setup.storage, setup.core, optimizer, scheduler, state, spec.keepCheckpoints
             )
