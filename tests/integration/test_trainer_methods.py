@@ -107,3 +107,23 @@ def test_qlora_trains_and_merges(tmp_path: Path, bits: int) -> None:
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", use_safetensors=True)
     assert merged.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
     assert not hasattr(merged.model.layers[0].mlp.down_proj, "quant_state")
+
+
+@pytest.mark.timeout(120)
+def test_early_stopping_ends_the_run_and_is_reported(tmp_path: Path) -> None:
+    # minDelta 10: no evaluation can improve enough, so patience 1 stops at the second one.
+    report = _run(
+        tmp_path,
+        {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj"]}},
+        training__maxSteps=20,
+        training__gradientAccumulationSteps=2,
+        training__earlyStopping={"patience": 1, "minDelta": 10.0},
+    )
+    training = report["training"]
+    assert isinstance(training, dict)
+    assert training["stoppedEarly"] is True
+    assert training["steps"] == 4  # evaluations at steps 2 and 4
+    assert training["totalSteps"] == 20
+    history = report["history"]
+    assert isinstance(history, list)
+    assert [h["step"] for h in history if "evalLoss" in h] == [2, 4]
