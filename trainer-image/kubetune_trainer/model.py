@@ -44,10 +44,14 @@ def pick_device() -> torch.device:
 
 
 def train_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+    """auto: bf16 on a GPU that has it, else fp32 (fp16 without loss scaling is unsafe, so
+    auto never picks it; an explicit fp16 is honored)."""
+    if precision == "fp32":
         return torch.float32
     if precision == "fp16":
         return torch.float16
+    if precision == "auto" and (device.type == "cpu" or not torch.cuda.is_bf16_supported()):
+        return torch.float32
     return torch.bfloat16
 
 
