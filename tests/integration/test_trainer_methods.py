@@ -11,6 +11,7 @@ import torch
 
 from kubetune import api
 from kubetune_trainer.__main__ import Options, run
+from kubetune_trainer.errors import UserError
 from tests.support import trainer_runs as tr
 
 
@@ -127,3 +128,9 @@ def test_early_stopping_ends_the_run_and_is_reported(tmp_path: Path) -> None:
     history = report["history"]
     assert isinstance(history, list)
     assert [h["step"] for h in history if "evalLoss" in h] == [2, 4]
+
+
+def test_checkpoint_of_another_job_is_a_user_error(tmp_path: Path) -> None:
+    _run(tmp_path, {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj"]}})
+    with pytest.raises(UserError, match=r"checkpoint checkpoints/step-3 does not match the model"):
+        _run(tmp_path, {"type": "lora", "lora": {"r": 8, "targetModules": ["q_proj"]}})

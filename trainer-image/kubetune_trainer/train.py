@@ -212,14 +212,18 @@ def load_checkpoint(
         folder = storage.download_dir(newest, Path(tmp))
         tensors = load_file(str(folder / "trainable.safetensors"))
         params = trainable_parameters(model)
-        missing = sorted(set(params) - set(tensors))
-        if missing:
+        mismatched = sorted(
+            name
+            for name, p in params.items()
+            if name not in tensors or tuple(tensors[name].shape) != tuple(p.shape)
+        )
+        if mismatched:
             from .errors import UserError
 
             raise UserError(
                 f"spec.output.destination: checkpoint {newest} does not match the model "
-                f"(missing {', '.join(missing[:3])}): it was written by a different job; use "
-                "a new output destination"
+                f"({', '.join(mismatched[:3])} missing or of another shape): it was written "
+                "by a different job; use a new output destination"
             )
         with torch.no_grad():
             for name, p in params.items():
