@@ -16,7 +16,10 @@ Contenders:
   per micro-batch, per-sample attention: no padding at all);
 - ``hf-default``: transformers.Trainer + peft, DataCollatorForSeq2Seq dynamic padding, random
   order (what a newcomer writes);
-- ``hf-grouped``: the same with train_sampling_strategy="group_by_length" (a strong peer).
+- ``hf-grouped``: the same with train_sampling_strategy="group_by_length" (a strong peer);
+- ``trl-padding-free`` / ``trl-packing``: TRL's SFTTrainer with padding_free=True, or
+  packing=True (bfd, max_length 1,024), completion-only loss, bf16 and gradient checkpointing
+  off (SFTConfig turns them on by default).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo-model"
-CONTENDERS = ("kubetune", "hf-default", "hf-grouped")
+CONTENDERS = ("kubetune", "hf-default", "hf-grouped", "trl-padding-free", "trl-packing")
 WORDS = [
     "the",
     "a",
@@ -250,6 +253,78 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
     }
 
 
+def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, data = encoded_rows(rows, 0, max_len)
+    dataset = Dataset.from_list(
+        [
+            {"input_ids": r.input_ids, "completion_mask": [int(x != -100) for x in r.labels]}
+            for r in data
+        ]
+    )
+    start = time.monotonic()
+    model = lora_model()
+    steps: list[float] = []
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            steps.append(time.monotonic())
+
+    mode: dict[str, Any] = (
+        {"packing": True, "packing_strategy": "bfd"} if packed else {"padding_free": True}
+    )
+    config = SFTConfig(
+        output_dir="/tmp/kubetune-bench-trl",
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        completion_only_loss=True,
+        max_length=max_len if packed else None,  # rows are already truncated to max_len
+        dataloader_num_workers=0,
+        seed=42,
+        disable_tqdm=True,
+        **mode,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    fed = {"tokens": 0}
+    inner = trainer.data_collator
+
+    def collate(batch: list[dict[str, Any]]) -> Any:
+        out = inner(batch)
+        fed["tokens"] += int(out["input_ids"].numel())
+        return out
+
+    trainer.data_collator = collate
+    trainer.train()
+    real = sum(len(r.input_ids) for r in data)
+    return {
+        "real_tokens": real,
+        "fed_tokens": fed["tokens"],
+        "seconds": steps[-1] - start,
+        "train_seconds": steps[-1] - steps[0],
+        "first_step_seconds": steps[0] - start,
+        "steps": len(steps),
+    }
+
+
 def child(contender: str, rows: int, max_len: int) -> None:
     import peft  # noqa: F401  (imported before any clock starts: import time is not training)
     import torch
@@ -261,6 +336,8 @@ def child(contender: str, rows: int, max_len: int) -> None:
     torch.set_num_threads(2)
     if contender == "kubetune":
         result = run_kubetune(rows, max_len)
+    elif contender.startswith("trl"):
+        result = run_trl(rows, max_len, packed=contender == "trl-packing")
     else:
         result = run_hf(rows, max_len, grouped=contender == "hf-grouped")
     result["peak_rss_mib"] = peak_rss_mib()
@@ -309,7 +386,7 @@ def main() -> None:
             result = measure(contender, args.rows, args.max_len)
             results[contender].append(result)
             print(
-                f"round {round_ + 1} {contender:<11} {result['tokens_per_second']:>9,.0f} tok/s "
+                f"round {round_ + 1} {contender:<16} {result['tokens_per_second']:>9,.0f} tok/s "
                 f"padding {result['padding_waste']:.1%} rss {result['peak_rss_mib']:.0f} MiB "
                 f"first step {result['first_step_seconds']:.2f} s",
                 flush=True,
