@@ -293,6 +293,13 @@ def _loss_sum(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """Summed cross-entropy over target tokens. Labels are not shifted in the batch; the first
     token of every packed sample is -100 (packing.collate), so nothing crosses samples."""
     labels = inputs.pop("labels")
+    if labels.shape[0] == 1:
+        # One flat sequence: run the output head only where a target follows (completion
+        # tokens). The head is a large share of a step (vocab x hidden per token) and most
+        # positions are prompt.
+        keep = (labels[0, 1:] != packing.IGNORE).nonzero().squeeze(-1)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[0]
+        return F.cross_entropy(logits.float(), labels[0, keep + 1], reduction="sum")
     logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
