@@ -107,6 +107,10 @@ def test_invalid_manifest_prints_field_errors_and_exits_10(tmp_path: Path) -> No
         ),
         ({"dataset_license": "unknown"}, "spec.dataset.license.name: 'unknown' is not a license"),
         ({"dataset_source": "missing.jsonl"}, "spec.dataset.source"),
+        (
+            {"evaluation": {"safety": {"jailbreak": {"promptsSource": "nope.jsonl"}}}},
+            "spec.evaluation.safety.jailbreak.promptsSource",
+        ),
     ],
 )
 def test_user_errors_exit_10_with_one_line_and_no_artifacts(

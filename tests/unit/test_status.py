@@ -416,3 +416,25 @@ def test_gates_dropped_from_an_oversized_result_are_not_read_as_passed() -> None
     gates = cond(new, "GatesPassed")
     assert (gates.status, gates.reason) == ("Unknown", "NotEvaluated")
     assert "1 of 1 gate result(s) missing" in gates.message
+
+
+def test_an_oversized_result_keeps_its_gates_and_they_decide() -> None:
+    big = {f"metric{i:03d}": 1.0 / (i + 3) for i in range(120)}
+    failing = [
+        api.GateResult(metric="tuned.loss", op="<", value=0.1 * i, actual=9.0, passed=False)
+        for i in range(20)
+    ]
+    text = termination_message(
+        api.FineTuneJobStatus(
+            phase="Succeeded",
+            message="trained",
+            metrics=api.Metrics(base=big, tuned=big, delta=big),
+            gates=failing,
+        )
+    )
+    assert len(text.encode()) < 4096
+    j = job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}])
+    new = compute(j, [pod("Succeeded", terminated(0, text, "Completed"))])
+    assert len(new.gates) == 20
+    gates = cond(new, "GatesPassed")
+    assert (gates.status, gates.reason) == ("False", "GateFailed")

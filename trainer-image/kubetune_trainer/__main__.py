@@ -123,13 +123,18 @@ def load_data(config: api.TrainerConfig, options: Options, workdir: Path) -> Dat
         if spec.split.testSource
         else None
     )
-    splits = split_dataset(dataset, spec.split, validation=validation, test=test)
-    if not splits.train:
-        raise UserError(
-            f"spec.dataset.split: no training rows left ({dataset.total_rows} rows; "
-            f"validation {len(splits.validation)}, test {len(splits.test)})"
-        )
+    splits = split_dataset(dataset, spec.split, validation=validation, test=test)  # raises if empty
     return DataStage(dataset, splits, spec.source)
+
+
+def check_eval_inputs(config: api.TrainerConfig, options: Options) -> None:
+    """Safety prompt files and the classifier are checked before training: a typo must fail in
+    seconds, not after hours of GPU time."""
+    safety = config.spec.evaluation.safety
+    if safety is not None:
+        from .safety import preflight
+
+        preflight(safety, storage_s3=config.spec.storage.s3, base_dir=options.base_dir)
 
 
 def commit_splits(data: DataStage, output: Any, workdir: Path) -> None:
@@ -511,6 +516,7 @@ def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
             check_license(config)
         with timer.stage("data", log):
             data = load_data(config, options, workdir)
+            check_eval_inputs(config, options)
             if world.main:
                 commit_splits(data, output, workdir)
             log(data.summary())

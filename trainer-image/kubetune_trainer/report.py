@@ -162,7 +162,8 @@ def termination_message(status: api.FineTuneJobStatus) -> str:
     """
     data = status.to_api()
     text = json.dumps(data, separators=(",", ":"))
-    for drop in ("progress", "gates", "reproducibility", "metrics", "artifacts"):
+    # Gates decide promotion: they go last (the operator reads missing gates as Unknown).
+    for drop in ("progress", "reproducibility", "metrics", "artifacts", "gates"):
         if len(text.encode()) < TERMINATION_LIMIT:
             break
         data.pop(drop, None)
