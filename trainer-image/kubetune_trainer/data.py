@@ -348,7 +348,7 @@ def load_dataset(
     rows = list(read_rows(path, field=field))
     if not rows:
         raise UserError(f"{field}: {path.name}: the dataset is empty (no rows)")
-    fmt = spec.format
+    fmt: str = spec.format
     if fmt == "auto":
         first = next(((n, r) for n, r in rows if isinstance(r, dict)), None)
         detected = detect_format(first[1], field_map) if first else None

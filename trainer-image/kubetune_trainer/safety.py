@@ -461,7 +461,7 @@ def run_safety(
     """
     notes: list[str] = []
     metrics: dict[str, float] = {}
-    load = {"storage_s3": storage_s3, "base_dir": base_dir}
+    load: dict[str, Any] = {"storage_s3": storage_s3, "base_dir": base_dir}
     was_training = model.training
     model.eval()
     with tempfile.TemporaryDirectory(prefix="kubetune-classifier-") as scratch:
