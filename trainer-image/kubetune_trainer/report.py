@@ -155,23 +155,21 @@ def write_json(path: Path, value: Any) -> Path:
 
 
 def termination_message(status: api.FineTuneJobStatus) -> str:
-    """Compact JSON of the status fields the trainer knows; shrunk to fit in 4 KB.
+    """Compact JSON of the status fields the trainer knows, within 4 KB.
 
-    The kubelet truncates termination messages at 4 KB; dropping whole fields (least important
-    first) keeps what remains valid JSON.
+    The kubelet truncates termination messages at 4 KB, so whole fields are added in order of
+    importance while they fit (what is sent stays valid JSON). Gates decide promotion and come
+    first; the operator reads gates that did not fit as Unknown, and report.json has it all.
     """
-    data = status.to_api()
-    text = json.dumps(data, separators=(",", ":"))
-    # Gates decide promotion: they go last (the operator reads missing gates as Unknown).
-    for drop in ("progress", "reproducibility", "metrics", "artifacts", "gates"):
-        if len(text.encode()) < TERMINATION_LIMIT:
-            break
-        data.pop(drop, None)
-        text = json.dumps(data, separators=(",", ":"))
-    if len(text.encode()) >= TERMINATION_LIMIT:
-        message = (status.message or "")[:1000]
-        text = json.dumps({"phase": status.phase, "message": message}, separators=(",", ":"))
-    return text
+    full = status.to_api()
+    data: dict[str, Any] = {"phase": status.phase, "message": (status.message or "")[:2000]}
+    data = {k: v for k, v in data.items() if v is not None}
+    for name in ("gates", "artifacts", "metrics", "reproducibility", "progress"):
+        if name in full:
+            candidate = {**data, name: full[name]}
+            if len(json.dumps(candidate, separators=(",", ":")).encode()) < TERMINATION_LIMIT:
+                data = candidate
+    return json.dumps(data, separators=(",", ":"))
 
 
 def write_termination(text: str, path: str | None) -> bool:
