@@ -19,9 +19,8 @@ from kubetune_trainer.evaluate import (
     evaluate_model,
     gates_passed,
     greedy_generate,
-    run_safety,
 )
-from kubetune_trainer.safety import preflight
+from kubetune_trainer.safety import preflight, run_safety
 from tests.support import eval_models
 from tests.support.s3 import REGION, client, new_bucket, s3_env
 

@@ -188,7 +188,8 @@ def score(
     device: Any,
 ) -> tuple[dict[str, float], list[str]]:
     """Held-out metrics on the test split (plus safety evals when configured) for one model."""
-    from .evaluate import evaluate_model, run_safety
+    from .evaluate import evaluate_model
+    from .safety import run_safety
 
     spec = config.spec
     notes: list[str] = []

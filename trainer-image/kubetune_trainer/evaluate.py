@@ -25,7 +25,6 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -407,26 +406,3 @@ def format_table(
         lines.extend(f"  {note}" for note in notes)
     return "\n".join(lines)
 
-
-def run_safety(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    spec: api.SafetySpec,
-    *,
-    storage_s3: api.S3Spec | None,
-    base_dir: Path | None,
-    device: torch.device | str,
-    max_new_tokens: int,
-) -> tuple[dict[str, float], list[str]]:
-    """Safety and robustness metrics plus notes; see :func:`kubetune_trainer.safety.run_safety`."""
-    from kubetune_trainer import safety  # safety builds on this module's generation helpers
-
-    return safety.run_safety(
-        model,
-        tokenizer,
-        spec,
-        storage_s3=storage_s3,
-        base_dir=base_dir,
-        device=device,
-        max_new_tokens=max_new_tokens,
-    )
