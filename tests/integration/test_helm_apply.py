@@ -18,6 +18,7 @@ import yaml
 
 from tests.support.helm_chart import CHART, CI_VALUES, NAMESPACE, ROOT, render
 from tests.support.kmock_adapter import EmulatorThread, Kube
+from tests.support.tools import binary
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,9 +66,7 @@ class Cluster:
     def __init__(self, emulator: EmulatorThread, kubeconfig: Path) -> None:
         self.kube = Kube(emulator.url)
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        kubectl = ROOT / ".tools" / "bin" / "kubectl"
-        assert kubectl.exists(), "kubectl missing: run scripts/install-tools.sh .tools/bin"
-        self.kubectl_bin = str(kubectl)
+        self.kubectl_bin = binary("kubectl")
 
     def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

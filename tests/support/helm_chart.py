@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterable
 from functools import cache
@@ -13,20 +12,13 @@ from typing import Any
 
 import yaml
 
+from tests.support.tools import binary
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kubetune"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 DASHBOARD = CHART / "files" / "kubetune-dashboard.json"
 RELEASE, NAMESPACE = "kt", "kubetune-system"
-
-
-def helm_binary() -> str:
-    """The real helm (scripts/install-tools.sh puts it in .tools/bin)."""
-    local = ROOT / ".tools" / "bin" / "helm"
-    found = str(local) if local.exists() else shutil.which("helm")
-    if not found:
-        raise RuntimeError("helm not found: run scripts/install-tools.sh .tools/bin")
-    return found
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -35,7 +27,7 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env["HELM_CONFIG_HOME"] = "/tmp/kubetune-helm/config"
     env["HELM_DATA_HOME"] = "/tmp/kubetune-helm/data"
     return subprocess.run(
-        [helm_binary(), *args], capture_output=True, text=True, check=check, env=env, timeout=60
+        [binary("helm"), *args], capture_output=True, text=True, check=check, env=env, timeout=60
     )
 
 

@@ -4,7 +4,6 @@ reads KUBECONFIG like in production), an optional kubelet, the real kubectl, and
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,19 +13,12 @@ from typing import Any, TypeVar
 
 from tests.support.kmock_adapter import EmulatorThread, Kube
 from tests.support.kubelet import Kubelet, free_port
+from tests.support.tools import binary
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "finetunejobs.kubetune.io.yaml"
 FTJ = "kubetune.io/v1alpha1"
 T = TypeVar("T")
-
-
-def kubectl_path() -> str:
-    local = ROOT / ".tools" / "bin" / "kubectl"
-    found = str(local) if local.exists() else shutil.which("kubectl")
-    if not found:
-        raise RuntimeError("kubectl not found: run scripts/install-tools.sh .tools/bin")
-    return found
 
 
 def wait_for(
@@ -114,7 +106,7 @@ class Cluster:
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
         result = subprocess.run(
-            [kubectl_path(), f"--kubeconfig={self.kubeconfig}", *args],
+            [binary("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
             input=input,
             capture_output=True,
             text=True,

@@ -13,6 +13,7 @@ import yaml
 
 from kubetune import manifests
 from tests.support.crd_schema import cel_errors, schema_errors
+from tests.support.tools import binary
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECK = ROOT / "deploy" / "argocd" / "kubetune.io" / "FineTuneJob"
@@ -82,10 +83,8 @@ def test_flux_manifests_reference_each_other() -> None:
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
-    kubectl = ROOT / ".tools" / "bin" / "kubectl"
-    assert kubectl.exists(), "kubectl missing: run scripts/install-tools.sh .tools/bin"
     done = subprocess.run(
-        [str(kubectl), "kustomize", str(path)], capture_output=True, text=True, timeout=60
+        [binary("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]
