@@ -286,6 +286,7 @@ class Trained:
     resumed_from: str | None
     attention: str
     truncated: dict[str, int]
+    parallelism: str  # "none", "ddp" or "fsdp"
 
 
 def train_model(
@@ -298,8 +299,9 @@ def train_model(
     telemetry: Any,
     log: Log,
 ) -> Trained:
-    """Encode, plan, restore the newest checkpoint, run the loop; leaves m.model unwrapped,
-    in eval mode and on plain sdpa attention for evaluation and export."""
+    """Encode, plan, restore the newest checkpoint, run the loop; leaves m.model unwrapped
+    (on rank 0: unsharded), in eval mode and on plain sdpa attention for evaluation and
+    export."""
     from . import model as model_stage
     from . import train as train_stage
     from .data import encode_all
@@ -312,12 +314,19 @@ def train_model(
     val_rows, val_cut = encode_all(splits.validation, m.tokenizer, max_len)
     attention = model_stage.attention_for(m.device) if spec.training.packing else "sdpa"
     model_stage.set_attention(m.model, attention)
-    wrapped = m.model
-    if world.size > 1:
+    wrapped, parallelism = m.model, "none"
+    if world.size > 1 and spec.method.type == "full":
+        # A full fine-tune holds weights, gradients and two AdamW moments for every parameter:
+        # sharded (FSDP) each rank holds 1/WORLD_SIZE of them. Adapters are small: DDP.
+        layers = model_stage.shard(m.model, m.device)
+        parallelism = "fsdp"
+        log(f"  FSDP: {layers} decoder layers and the root sharded over {world.size} ranks")
+    elif world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [m.device.index] if m.device.type == "cuda" else None
         wrapped = DistributedDataParallel(m.model, device_ids=device_ids)
+        parallelism = "ddp"
     lengths = [len(r.input_ids) for r in train_rows]
     plan = train_stage.make_plan(lengths, spec.training, max_len, world)
     optimizer, scheduler = train_stage.build_optimizer(m.model, spec.training, plan.total_steps)
@@ -355,6 +364,8 @@ def train_model(
     )
     if state.stopped_early:
         log(f"  early stop at step {state.step} (best eval loss {state.best_eval})")
+    if parallelism == "fsdp":
+        m.model = model_stage.unshard(m.model, m.model_dir, spec, m.device, world.main)
     model_stage.set_attention(m.model, "sdpa")
     m.model.eval()
     if world.size > 1:
@@ -363,7 +374,8 @@ def train_model(
         dist.barrier()
         dist.destroy_process_group()
     truncated = {"train": train_cut, "validation": val_cut}
-    return Trained(state, plan, resumed[1] if resumed else None, attention, truncated)
+    resumed_from = resumed[1] if resumed else None
+    return Trained(state, plan, resumed_from, attention, truncated, parallelism)
 
 
 def final_status(
@@ -464,6 +476,7 @@ def build_report(
             "steps": state.step,
             "stepsPerEpoch": trained.plan.steps_per_epoch,
             "worldSize": world_size,
+            "parallelism": trained.parallelism,
             "stoppedEarly": state.stopped_early,
             "bestEvalLoss": state.best_eval,
             "resumedFrom": trained.resumed_from,

@@ -241,6 +241,53 @@ def set_attention(model: Any, name: str) -> None:
     target.set_attn_implementation(name)
 
 
+def shard(model: Any, device: torch.device) -> int:
+    """FSDP2 for a full fine-tune under torchrun: every decoder layer (the classes transformers
+    lists in ``_no_split_modules``), then the root (embeddings, final norm, head: tied weights
+    stay in one unit), is sharded across all ranks in place. Each rank keeps 1/WORLD_SIZE of
+    the weights, gradients and optimizer state; a layer's weights are gathered only while it
+    runs. Returns the number of layer units."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    for layer in reversed(layers):  # innermost first, should the listed classes nest
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return len(layers)
+
+
+def is_sharded(model: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def unshard(
+    model: Any, model_dir: Path, spec: api.FineTuneJobSpec, device: torch.device, main: bool
+) -> Any:
+    """The sharded model as a plain one on rank 0, for evaluation and export (which run on
+    rank 0 alone and must not issue collectives). Every rank must call this: the full weights
+    are gathered onto rank 0's CPU, then loaded into a fresh copy of the base on the training
+    device. Other ranks get the sharded model back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not main:
+        return model
+    plain = load_base(model_dir, spec, device)
+    plain.load_state_dict(full)  # strict: every tensor, tied head included
+    plain.eval()
+    return plain
+
+
 def trainable_parameters(model: Any) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold: every trainable tensor by name (shared ones once)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}

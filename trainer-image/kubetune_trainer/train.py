@@ -10,8 +10,10 @@ without its manifest does not exist). A restarted run resumes from the newest co
 the data order of an epoch depends only on (seed, epoch), so it jumps straight to the next
 micro-batch instead of replaying the skipped ones.
 
-Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP; each rank takes every
-WORLD_SIZE-th micro-batch of the same plan, and only rank 0 writes to storage.
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, or, for a full fine-tune,
+sharded with FSDP2 (model.shard); each rank takes every WORLD_SIZE-th micro-batch of the same
+plan, and only rank 0 writes to storage. A sharded model's checkpoint is gathered into full
+tensors on rank 0 (a collective every rank joins) and scattered back into shards on resume.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from kubetune import api
 
 from . import packing
 from .errors import Preempted
-from .model import trainable_parameters
+from .model import is_sharded, trainable_parameters
 from .packing import EncodedLike
 from .report import Telemetry, peak_memory_bytes
 
@@ -153,6 +155,33 @@ def build_optimizer(
 # checkpoints
 
 
+def checkpoint_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, main: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(trainable tensors, optimizer state) on rank 0, None elsewhere. Sharded (FSDP) this is a
+    collective every rank must join: full tensors are gathered onto rank 0's CPU, and the
+    optimizer state is keyed by parameter name (so a resume can shard it again)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(model, options=options)
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
+        if not main:
+            return None
+        # named_parameters lists tied weights once, as the unsharded path stores them.
+        tensors = {name: cast(torch.Tensor, full[name]) for name in trainable_parameters(model)}
+        return tensors, cast(dict[str, Any], optim)
+    if not main:
+        return None
+    params = trainable_parameters(model)
+    return {k: v.detach().contiguous().cpu() for k, v in params.items()}, optimizer.state_dict()
+
+
 def save_checkpoint(
     storage: Any,
     model: torch.nn.Module,
@@ -160,15 +189,24 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     keep: int,
+    *,
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> str:
-    """Write the checkpoint locally, commit it (manifest last), then prune old ones."""
+    """Write the checkpoint locally, commit it (manifest last), then prune old ones. A sharded
+    model passes its `gathered` checkpoint_state (rank 0 alone writes)."""
     from safetensors.torch import save_file
 
+    if gathered is None:  # unsharded: rank 0 reads its own model
+        gathered = checkpoint_state(model, optimizer, main=True)
+        assert gathered is not None
+    tensors, optim = gathered
     with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
         folder = Path(tmp)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in trainable_parameters(model).items()}
-        save_file(tensors, str(folder / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        save_file(
+            {k: v.detach().contiguous() for k, v in tensors.items()},
+            str(folder / "trainable.safetensors"),
+        )
+        torch.save(optim, folder / "optimizer.pt")
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -225,10 +263,25 @@ def load_checkpoint(
                 f"({', '.join(mismatched[:3])} missing or of another shape): it was written "
                 "by a different job; use a new output destination"
             )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        optim = torch.load(folder / "optimizer.pt", weights_only=True)
+        if is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            # Every rank read the full tensors; each keeps its own shard. Not strict: a tied
+            # head is stored once (under the embedding's name), and the check above already
+            # proved every parameter is there.
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(model, dict(tensors), options=full)
+            set_optimizer_state_dict(model, optimizer, optim, options=full)
+        else:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(tensors[name].to(p.device, p.dtype))
+            optimizer.load_state_dict(optim)
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         rng = torch.load(folder / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
@@ -272,7 +325,7 @@ class StopFlag:
 
 @dataclass
 class Setup:
-    model: torch.nn.Module  # possibly DDP-wrapped
+    model: torch.nn.Module  # possibly DDP-wrapped (FSDP shards in place: then model is core)
     core: torch.nn.Module  # the unwrapped model (for saving)
     train: Sequence[EncodedLike]
     validation: Sequence[EncodedLike]
@@ -332,16 +385,26 @@ def validation_loss(setup: Setup) -> float | None:
         rows = packing.pack_rows(lengths, setup.max_len)
     per_batch = max(1, round(setup.spec.batchSize * len(rows) / len(lengths)))
     batches = [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
+    mine: list[list[list[int]] | None] = list(batches[setup.world.rank :: setup.world.size])
+    if is_sharded(setup.core):
+        # Every FSDP forward gathers weights from all ranks: each rank must run as many
+        # forwards as the others, so a rank short of batches runs one more it does not count.
+        mine += [None] * (math.ceil(len(batches) / setup.world.size) - len(mine))
     setup.model.eval()
     total, targets = 0.0, 0
     try:
-        for batch_rows in batches[setup.world.rank :: setup.world.size]:
+        for batch_rows in mine:
             batch = packing.collate(
-                setup.validation, batch_rows, pad_id=setup.pad_id, mode=setup.collate_mode
+                setup.validation,
+                batch_rows or batches[0],
+                pad_id=setup.pad_id,
+                mode=setup.collate_mode,
             )
             # The unwrapped model: DDP forward outside backward would desync its buckets.
-            total += float(_loss_sum(setup.core, _to_device(batch.inputs, setup.device)))
-            targets += batch.targets
+            loss_sum = float(_loss_sum(setup.core, _to_device(batch.inputs, setup.device)))
+            if batch_rows is not None:
+                total += loss_sum
+                targets += batch.targets
     finally:
         setup.model.train()
     total = _all_reduce(total, setup.world, setup.device)
@@ -366,6 +429,7 @@ def train(
     accum = spec.gradientAccumulationSteps
     params = list(trainable_parameters(setup.core).values())
     started, steps_at_start, tokens_at_start = time.monotonic(), state.step, state.tokens
+    saved_at = state.step  # a resumed step is committed already; step 0 never is needed
     previous = started
     model.train()
     flag = StopFlag()
@@ -390,12 +454,10 @@ def train(
             step_loss = 0.0
             for i, batch in enumerate(collated):
                 final_micro = i == len(collated) - 1
-                sync = contextlib.nullcontext()
-                if world.size > 1 and not final_micro:
-                    sync = model.no_sync()  # type: ignore[operator]
-                with sync:
+                with _gradient_sync(model, world.size == 1 or final_micro):
                     loss_sum = _loss_sum(model, _to_device(batch.inputs, setup.device))
-                    # DDP averages gradients over ranks; scaling by size makes it a global sum.
+                    # DDP and FSDP average gradients over ranks; scaling by size makes it a
+                    # global sum.
                     (loss_sum * world.size / max(targets, 1.0)).backward()
                 step_loss += float(loss_sum.detach())
             torch.nn.utils.clip_grad_norm_(params, spec.maxGradNorm)
@@ -443,25 +505,55 @@ def train(
                 progress({**entry, "totalSteps": plan.total_steps, "etaSeconds": eta})
             stop = _all_reduce(1.0 if flag.requested else 0.0, world, setup.device, op="max")
             due = state.step % spec.checkpointEverySteps == 0
-            if (due or stop) and setup.storage is not None and world.main:
-                uri = save_checkpoint(
-                    setup.storage, setup.core, optimizer, scheduler, state, spec.keepCheckpoints
-                )
-                log(f"checkpoint step {state.step}: {uri}")
+            if due or stop:
+                uri = _checkpoint(setup, optimizer, scheduler, state)
+                saved_at = state.step
+                if uri is not None:
+                    log(f"checkpoint step {state.step}: {uri}")
             if stop:
                 raise Preempted(
                     f"SIGTERM at step {state.step}/{plan.total_steps}: checkpoint committed; "
                     "a restart resumes from it"
                 )
         state.train_seconds = round(state.train_seconds, 3)
-    if setup.storage is not None and world.main:
+    if saved_at != state.step:
         # A final checkpoint: a rerun after a failed export resumes here instead of retraining.
-        committed = setup.storage.committed(CHECKPOINTS)
-        if not committed or not committed[-1].endswith(f"step-{state.step}"):
-            save_checkpoint(
-                setup.storage, setup.core, optimizer, scheduler, state, spec.keepCheckpoints
-            )
+        _checkpoint(setup, optimizer, scheduler, state)
     return state
+
+
+def _checkpoint(
+    setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState
+) -> str | None:
+    """Every rank calls this (a sharded model is gathered first); rank 0 alone writes."""
+    if setup.storage is None:
+        return None
+    gathered = checkpoint_state(setup.core, optimizer, setup.world.main)
+    if gathered is None:
+        return None
+    return save_checkpoint(
+        setup.storage,
+        setup.core,
+        optimizer,
+        scheduler,
+        state,
+        setup.spec.keepCheckpoints,
+        gathered=gathered,
+    )
+
+
+@contextlib.contextmanager
+def _gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Micro-batches before the last of an optimizer step accumulate gradients locally: no
+    DDP all-reduce, no FSDP reduce-scatter until the last one."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+        yield
+    elif not enabled:
+        with model.no_sync():  # type: ignore[operator]
+            yield
+    else:
+        yield
 
 
 def _early_stopping(state: TrainState, spec: api.TrainingSpec, eval_loss: float) -> None:
