@@ -11,7 +11,8 @@ Read top to bottom, this is what happens to a dataset:
    adding rows never moves existing ones. :func:`write_split_manifests` writes the ids and
    their sha256 so the split is versioned with the output.
 5. :func:`encode` turns an example into token ids and labels: the tokenizer's chat template (or
-   :data:`DEFAULT_TEMPLATE`), EOS after the completion, loss on completion tokens only.
+   :data:`DEFAULT_TEMPLATE`), EOS after the completion, loss on the answers only (every
+   assistant turn of a chat).
 
 Row numbers in messages: .jsonl counts lines (blank lines included, so an editor's line number
 finds the row); .json counts array items, .csv and .parquet count records (the CSV header is
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubetune import api
 
@@ -41,6 +42,7 @@ ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
 SHOWN_PROBLEMS = 5  # bad rows quoted in a failure message; the count covers all of them
 IGNORE_INDEX = -100  # label value the loss ignores (torch CrossEntropyLoss default)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class Example:
 
     @property
     def completion(self) -> str:
-        """The last assistant content: what the model learns to produce."""
+        """The last assistant content: what evaluation generates and compares with (training
+        learns every assistant turn of a chat, see :func:`encode`)."""
         return self.messages[-1][1]
 
     @property
@@ -522,7 +525,9 @@ def write_split_manifests(splits: Splits, dest: Path) -> None:
 # Used when the tokenizer has no chat template (tokenizer.chat_template is None), e.g. a base
 # model. Each turn is "### <Role>:\n<content>\n\n"; the prompt ends with the assistant cue
 # "### Assistant:\n" and the completion follows it directly, then EOS - so generation from
-# prompt_ids() continues exactly where training taught the model to answer, and stops.
+# prompt_ids() continues exactly where training taught the model to answer, and stops. In a
+# multi-turn conversation every assistant content is followed by EOS (then the "\n\n" that
+# separates turns), so each trained answer teaches stopping, like the last one.
 DEFAULT_TEMPLATE = "### {role}:\n{content}\n\n"
 DEFAULT_GENERATION_PROMPT = "### Assistant:\n"
 
@@ -530,9 +535,23 @@ DEFAULT_GENERATION_PROMPT = "### Assistant:\n"
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens unless train_on_prompt; not shifted
+    # Not shifted. IGNORE_INDEX on everything but the assistant answers (every assistant turn
+    # of a chat; the completion otherwise) unless train_on_prompt.
+    labels: list[int]
     truncated: bool
-    prompt_len: int = 0  # how many of input_ids are prompt
+    # How many of input_ids come before the LAST answer: the prompt_ids() layout. In a
+    # multi-turn chat this part holds the earlier answers too, and they are labelled.
+    prompt_len: int = 0
+
+
+@dataclass
+class _Layout:
+    """An example as encode() lays it out, before truncation."""
+
+    prompt: list[int]  # everything before the last answer
+    answers: list[bool]  # per prompt token: part of an earlier assistant answer (trained)
+    completion: list[int]  # the last answer, with the template's end of turn / EOS
+    keep: int  # leading special tokens (BOS) a left cut keeps
 
 
 _PREFIX_CACHE: dict[int, tuple[Any, list[int]]] = {}
@@ -563,57 +582,95 @@ def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _prompt_and_completion(example: Example, tokenizer: Any) -> tuple[list[int], list[int], int]:
-    """(prompt ids, completion ids incl. EOS, leading special tokens to keep when cutting).
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    """ids + EOS, unless the answer already ends with it (a template may write it, followed by a
+    newline): the tuned model learns to stop."""
+    return [*ids, eos] if eos is not None and eos not in ids[-2:] else ids
 
-    Prompt and completion are encoded separately and concatenated: a BPE tokenizer can merge
-    across the boundary when encoding the joined text, and then no prefix of the full ids
-    would be exactly the prompt the model sees at generation time."""
+
+def _template_segments(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
+    """(text, is an answer) pieces of the tokenizer's chat template rendering, in order.
+
+    For each assistant turn: the conversation before it rendered with add_generation_prompt,
+    and the rendering with the answer - the difference is the answer as the model should write
+    it (with the template's end-of-turn markers). Some templates render the history
+    differently once later turns follow (e.g. they drop the reasoning of earlier answers);
+    when a turn's prompt does not extend the text so far, the answers before it become
+    context, as the template renders them."""
     messages = [{"role": r, "content": c} for r, c in example.messages]
-    eos = tokenizer.eos_token_id
-    if example.raw:
-        head = special_prefix(tokenizer)
-        prompt = head + _ids(tokenizer, example.messages[0][1])
-        completion = _ids(tokenizer, example.completion)
-        keep = len(head)
-    elif _has_template(tokenizer):
+    segments: list[tuple[str, bool]] = []
+    done = ""  # the rendering up to and including the previous answer
+    for turn, (role, content) in enumerate(example.messages):
+        if role != "assistant":
+            continue
         try:
-            prompt_text = tokenizer.apply_chat_template(
-                messages[:-1], tokenize=False, add_generation_prompt=True
+            prompt = tokenizer.apply_chat_template(
+                messages[:turn], tokenize=False, add_generation_prompt=True
             )
-            full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+            full = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
         except Exception as exc:  # jinja raises its own errors (e.g. roles must alternate)
             raise UserError(
                 f"spec.dataset.source: row {example.row}: the tokenizer's chat template "
                 f"refused this conversation: {exc}"
             ) from None
-        # The template's text after the prompt is the completion as the model should write it
-        # (with the template's end-of-turn markers); fall back to the bare content if the
-        # template renders the history differently once the answer is present.
-        tail = (
-            full_text[len(prompt_text) :]
-            if full_text.startswith(prompt_text)
-            else example.completion
-        )
-        prompt = _ids(tokenizer, prompt_text)  # the template writes BOS itself, if it wants one
-        completion = _ids(tokenizer, tail)
-        keep = 1 if prompt and prompt[0] == tokenizer.bos_token_id else 0
-    else:
+        if done and prompt.startswith(done):
+            segments.append((prompt[len(done) :], False))
+        else:
+            segments = [(prompt, False)]
+        # Fall back to the bare content if the template renders the history differently once
+        # the answer is present.
+        answer = full[len(prompt) :] if full.startswith(prompt) else content
+        segments.append((answer, True))
+        done = full if full.startswith(prompt) else ""
+    return segments
+
+
+def _default_segments(example: Example) -> list[tuple[str, bool]]:
+    """(text, is an answer) pieces of the DEFAULT_TEMPLATE rendering, in order."""
+    segments: list[tuple[str, bool]] = []
+    context = ""
+    for role, content in example.messages:
+        if role == "assistant":
+            segments += [(context + DEFAULT_GENERATION_PROMPT, False), (content, True)]
+            context = "\n\n"  # the separator after the answer and its EOS
+        else:
+            context += DEFAULT_TEMPLATE.format(role=role.capitalize(), content=content)
+    return segments
+
+
+def _layout(example: Example, tokenizer: Any) -> _Layout:
+    """The example's token ids, split into prompt (with earlier answers) and last answer.
+
+    Each piece - context or answer - is tokenized separately and the ids concatenated: a BPE
+    tokenizer can merge across a boundary when encoding the joined text, and then no prefix of
+    the full ids would be exactly the prompt the model sees at generation time, nor the
+    answer tokens exactly the answer."""
+    eos = tokenizer.eos_token_id
+    if example.raw:
         head = special_prefix(tokenizer)
-        text = "".join(
-            DEFAULT_TEMPLATE.format(role=role.capitalize(), content=content)
-            for role, content in example.prompt_messages
-        )
-        prompt = head + _ids(tokenizer, text + DEFAULT_GENERATION_PROMPT)
-        completion = _ids(tokenizer, example.completion)
-        keep = len(head)
-    if eos is not None and eos not in completion[-2:]:
-        completion.append(eos)  # the tuned model learns to stop
-    return prompt, completion, keep
+        prompt = head + _ids(tokenizer, example.messages[0][1])
+        completion = _with_eos(_ids(tokenizer, example.completion), eos)
+        return _Layout(prompt, [False] * len(prompt), completion, len(head))
+    templated = _has_template(tokenizer)
+    # The template writes BOS itself, if it wants one; the default template gets the
+    # tokenizer's own leading tokens.
+    head = [] if templated else special_prefix(tokenizer)
+    segments = _template_segments(example, tokenizer) if templated else _default_segments(example)
+    prompt, answers = list(head), [False] * len(head)
+    for text, is_answer in segments[:-1]:
+        ids = _ids(tokenizer, text)
+        # A template's end of turn is its own business; the default template adds EOS.
+        if is_answer and not templated:
+            ids = _with_eos(ids, eos)
+        prompt += ids
+        answers += [is_answer] * len(ids)
+    completion = _with_eos(_ids(tokenizer, segments[-1][0]), eos)
+    keep = len(head) if not templated else int(bool(prompt) and prompt[0] == tokenizer.bos_token_id)
+    return _Layout(prompt, answers, completion, keep)
 
 
-def _cut_left(ids: list[int], length: int, keep: int) -> list[int]:
-    """The last `length` ids, still starting with the first `keep` (BOS)."""
+def _cut_left(ids: list[T], length: int, keep: int) -> list[T]:
+    """The last `length` items, still starting with the first `keep` (BOS)."""
     if len(ids) <= length:
         return ids
     keep = min(keep, length)
@@ -625,27 +682,38 @@ def encode(
 ) -> Encoded:
     """Token ids and labels for training.
 
-    Truncation, when prompt + completion exceed max_len: the completion keeps its head and
-    loses its tail (and then its EOS: a cut answer must not teach stopping there), keeping at
-    least half the window or all of it when shorter; the prompt fills the rest and is cut
-    from the LEFT, keeping BOS - the end of the prompt (the question and the assistant cue)
-    matters most for the answer that follows."""
-    prompt, completion, keep = _prompt_and_completion(example, tokenizer)
+    Trained (labels = ids): the completion with EOS; in a chat, EVERY assistant turn - its
+    content, the template's end-of-turn tokens after it (the default template: EOS) - not only
+    the last. Everything else (system and user turns, role markers, BOS) is IGNORE_INDEX
+    unless train_on_prompt.
+
+    Truncation, when the whole exceeds max_len: the last answer keeps its head and loses its
+    tail (and then its EOS: a cut answer must not teach stopping there), keeping at least
+    half the window or all of it when shorter; the part before it fills the rest and is cut
+    from the LEFT, keeping BOS - the most recent turns (the question and the assistant cue)
+    matter most for the answer that follows. Earlier answers that remain keep their labels,
+    so a truncated example always trains on its last answer's head."""
+    layout = _layout(example, tokenizer)
+    prompt, answers, completion = layout.prompt, layout.answers, layout.completion
     truncated = len(prompt) + len(completion) > max_len
     if truncated:
         completion_len = min(len(completion), max(max_len - len(prompt), max_len // 2))
         completion = completion[:completion_len]
-        prompt = _cut_left(prompt, max_len - completion_len, keep)
-    labels = (list(prompt) if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + completion
-    return Encoded(prompt + completion, labels, truncated, len(prompt))
+        prompt = _cut_left(prompt, max_len - completion_len, layout.keep)
+        answers = _cut_left(answers, max_len - completion_len, layout.keep)
+    labels = [
+        token if train_on_prompt or is_answer else IGNORE_INDEX
+        for token, is_answer in zip(prompt, answers, strict=True)
+    ]
+    return Encoded(prompt + completion, labels + completion, truncated, len(prompt))
 
 
 def prompt_ids(example: Example, tokenizer: Any, max_len: int) -> list[int]:
-    """The prompt for generation, exactly as encode() lays it out before the completion (chat
-    template with add_generation_prompt, or the default template's assistant cue); cut from
-    the left, keeping BOS, when longer than max_len."""
-    prompt, _, keep = _prompt_and_completion(example, tokenizer)
-    return _cut_left(prompt, max_len, keep)
+    """The prompt for generation, exactly as encode() lays it out before the last answer (chat
+    template with add_generation_prompt, or the default template's assistant cue; earlier
+    turns included); cut from the left, keeping BOS, when longer than max_len."""
+    layout = _layout(example, tokenizer)
+    return _cut_left(layout.prompt, max_len, layout.keep)
 
 
 def encode_all(
