@@ -210,3 +210,22 @@ def test_local_writes_leave_no_temp_files(tmp_path: Path) -> None:
     # A temp file left by a crash is invisible to list().
     (tmp_path / "root" / "a" / ".kubetune-tmp-123").write_bytes(b"partial")
     assert store.list("a/") == ["a/b.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_local_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    # Temp files are created 0600; once renamed into place they must be readable like any
+    # file the user writes (a report, a checkpoint on a shared PVC).
+    previous = os.umask(umask)
+    try:
+        store = Storage.open(str(tmp_path / "root"))
+        store.write_bytes("out/report.json", b"{}")
+        store.commit_dir(make_folder(tmp_path / "src", FILES), "ckpt")
+        store.download_dir("ckpt", tmp_path / "copy")
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "root").rglob("*") if p.is_file()]
+    files += [p for p in (tmp_path / "copy").rglob("*") if p.is_file()]
+    assert len(files) == 1 + (len(FILES) + 1) + len(FILES)  # report, folder + manifest, copy
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in files}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

@@ -146,10 +146,30 @@ def _check_against_manifest(dest: Path, manifest: dict[str, Any], uri: str, fiel
             )
 
 
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere reading it means setting it
+    for a moment (os.umask), which could race with a thread creating a file."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    """The mode of a file the user writes (0644 under the usual umask 022). mkstemp creates its
+    file 0600 - right for a temp file, wrong for a report or a checkpoint that others (a
+    serving pod, a colleague on the PVC) must read once it is renamed into place."""
+    return 0o666 & ~_umask()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -166,7 +186,8 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=dst.parent)
     os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
+        shutil.copyfile(src, tmp)  # contents only: the mode stays mkstemp's 0600
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
