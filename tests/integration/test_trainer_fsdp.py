@@ -131,3 +131,13 @@ def test_full_fine_tune_is_sharded_resumes_and_matches_one_process(tmp_path: Pat
     loaded = dict(model.named_parameters())
     for name, tensor in single_weights.items():
         torch.testing.assert_close(loaded[name].detach(), tensor, atol=1e-5, rtol=1e-4)
+
+    # The single process's step-2 checkpoint (optimizer state keyed by position) resumes under
+    # FSDP too: a job may come back with another number of GPUs.
+    moved = tmp_path / "moved"
+    shutil.copytree(single_out / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
+    regrown = _full_config(data, moved, tmp_path / "moved.json")
+    grown = _torchrun(regrown, tmp_path / "term4")
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert f"resumed from file://{moved}/checkpoints/step-2" in grown.stdout
+    assert json.loads((moved / "report.json").read_text())["training"]["steps"] == STEPS

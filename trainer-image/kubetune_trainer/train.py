@@ -276,7 +276,8 @@ def load_checkpoint(
             # proved every parameter is there.
             full = StateDictOptions(full_state_dict=True, strict=False)
             set_model_state_dict(model, dict(tensors), options=full)
-            set_optimizer_state_dict(model, optimizer, optim, options=full)
+            named = _by_name(optim, model, optimizer)
+            set_optimizer_state_dict(model, optimizer, named, options=full)
         else:
             with torch.no_grad():
                 for name, p in params.items():
@@ -290,6 +291,25 @@ def load_checkpoint(
         record = json.loads((folder / "state.json").read_text())
     random.setstate(_tupled(record.pop("python_rng")))
     return TrainState(**record), storage.uri_for(newest)
+
+
+def _by_name(
+    optim: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, as FSDP's loader wants it. A checkpoint of an
+    unsharded run (one process, or DDP) keys it by position in the optimizer's parameter list,
+    which build_optimizer lays out the same way for the same model."""
+    if all(isinstance(k, str) for k in optim["state"]):
+        return optim
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[int(k)]: v for k, v in optim["state"].items()},
+        "param_groups": [
+            {**group, "params": [order[int(i)] for i in group["params"]]}
+            for group in optim["param_groups"]
+        ],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
