@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,31 +18,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path: Path) -> None:
     output = tmp_path / "out"
     config = tr.write_config(tmp_path / "c.json", tr.config(data, output, maxSteps=4))
 
-    def torchrun() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",  # a free rendezvous port on loopback
-                "--nproc-per-node",
-                "2",
-                "-m",
-                "kubetune_trainer",
-                "--config",
-                str(config),
-                "--metrics-port",
-                "0",
-                "--termination-log",
-                str(tmp_path / "term"),
-            ],
-            capture_output=True,
-            text=True,
-            env=tr.trainer_env(),
-            timeout=280,
-        )
-
-    result = torchrun()
+    result = tr.torchrun(config, tmp_path / "term", timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((output / "report.json").read_text())
     assert report["training"]["worldSize"] == 2
@@ -60,7 +34,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "term").read_text())["phase"] == "Succeeded"
 
     # Both ranks restore the newest checkpoint: nothing left to train, same adapter again.
-    again = torchrun()
+    again = tr.torchrun(config, tmp_path / "term", timeout=280)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed from" in again.stdout and "step-4" in again.stdout
     assert json.loads((output / "report.json").read_text())["training"]["steps"] == 4

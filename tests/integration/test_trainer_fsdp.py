@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +29,6 @@ def _full_config(data: Path, output: Path, path: Path, **training: Any) -> Path:
     return tr.write_config(path, config)
 
 
-def _torchrun(config: Path, termination: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "kubetune_trainer",
-            "--config",
-            str(config),
-            "--metrics-port",
-            "0",
-            "--termination-log",
-            str(termination),
-        ],
-        capture_output=True,
-        text=True,
-        env=tr.trainer_env(),
-        timeout=150,
-    )
-
-
 def _weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "model" / "model.safetensors"))
 
@@ -68,7 +41,7 @@ def test_full_fine_tune_is_sharded_resumes_and_matches_one_process(tmp_path: Pat
     output = tmp_path / "fsdp"
     config = _full_config(data, output, tmp_path / "fsdp.json")
 
-    first = _torchrun(config, tmp_path / "term")
+    first = tr.torchrun(config, tmp_path / "term", timeout=150)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads((output / "report.json").read_text())
     assert report["training"]["worldSize"] == 2
@@ -96,7 +69,7 @@ def test_full_fine_tune_is_sharded_resumes_and_matches_one_process(tmp_path: Pat
     shutil.rmtree(output / "checkpoints" / "step-4")
     shutil.rmtree(output / "model")
     (output / "report.json").unlink()
-    again = _torchrun(config, tmp_path / "term2")
+    again = tr.torchrun(config, tmp_path / "term2", timeout=150)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from file://{output}/checkpoints/step-2" in again.stdout
     resumed = json.loads((output / "report.json").read_text())
@@ -137,7 +110,7 @@ def test_full_fine_tune_is_sharded_resumes_and_matches_one_process(tmp_path: Pat
     moved = tmp_path / "moved"
     shutil.copytree(single_out / "checkpoints" / "step-2", moved / "checkpoints" / "step-2")
     regrown = _full_config(data, moved, tmp_path / "moved.json")
-    grown = _torchrun(regrown, tmp_path / "term4")
+    grown = tr.torchrun(regrown, tmp_path / "term4", timeout=150)
     assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
     assert f"resumed from file://{moved}/checkpoints/step-2" in grown.stdout
     assert json.loads((moved / "report.json").read_text())["training"]["steps"] == STEPS

@@ -97,3 +97,29 @@ def run_trainer(config_path: Path, termination: Path, timeout: float = 240) -> t
     proc = start_trainer(config_path, termination)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+def torchrun(config: Path, termination: Path, *, timeout: int) -> subprocess.CompletedProcess[str]:
+    """The trainer in 2 CPU processes (gloo) under torchrun, as a multi-GPU Job runs it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a free rendezvous port on loopback (--master-port 0 hangs here)
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "kubetune_trainer",
+            "--config",
+            str(config),
+            "--metrics-port",
+            "0",
+            "--termination-log",
+            str(termination),
+        ],
+        capture_output=True,
+        text=True,
+        env=trainer_env(),
+        timeout=timeout,
+    )
