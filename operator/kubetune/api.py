@@ -786,6 +786,13 @@ class GateResult(ApiModel):
     )
     passed: bool = Field(description="Whether the gate held.")
 
+    def describe(self) -> str:
+        """One line for logs, the local table and the GatesPassed condition message."""
+        rule = f"{self.metric} {self.op} {self.value:g}"
+        if self.actual is None:
+            return f"{rule}: FAILED (not measured: see the report's evaluation notes)"
+        return f"{rule}: {'passed' if self.passed else 'FAILED'} (actual {self.actual:.4g})"
+
 
 class Artifacts(ApiModel):
     adapter: str | None = Field(

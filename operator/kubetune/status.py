@@ -617,7 +617,7 @@ def _gates_condition(
         )
     failed = [g for g in gates if not g.passed]
     if failed:
-        detail = ", ".join(f"{g.metric} {g.op} {g.value:g} (actual {g.actual})" for g in failed)
+        detail = "; ".join(g.describe() for g in failed)
         return set_condition(
             conds,
             GATES_PASSED,

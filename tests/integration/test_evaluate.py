@@ -17,7 +17,6 @@ from kubetune_trainer.evaluate import (
     check_gates,
     compare,
     evaluate_model,
-    gates_passed,
     greedy_generate,
 )
 from kubetune_trainer.safety import preflight, run_safety
@@ -91,9 +90,9 @@ def test_tuned_model_beats_base_on_held_out_rows(model_dir: Path) -> None:
         api.GateSpec(metric="delta.loss", op="<", value=0.0),
         api.GateSpec(metric="delta.tokenAccuracy", op=">", value=0.0),
     ]
-    assert gates_passed(check_gates(gates, metrics))
+    assert all(r.passed for r in check_gates(gates, metrics))
     strict = check_gates([api.GateSpec(metric="tuned.loss", op="<", value=0.01)], metrics)
-    assert not gates_passed(strict)
+    assert not strict[0].passed
     assert strict[0].actual == tuned["loss"]
 
 

@@ -9,10 +9,7 @@ import pytest
 from kubetune import api
 from kubetune_trainer.evaluate import (
     check_gates,
-    describe_gate,
-    failed_gates_message,
     format_table,
-    gates_passed,
 )
 
 METRICS = api.Metrics(
@@ -73,18 +70,15 @@ def test_unmeasured_metric_fails_with_no_actual() -> None:
         [gate("tuned.toxicityRate", "<=", 1.0), gate("delta.refusalRate", ">=", -1.0)], METRICS
     )
     assert [(r.passed, r.actual) for r in results] == [(False, None), (False, None)]
-    assert "not measured" in describe_gate(results[0])
+    assert "not measured" in results[0].describe()
 
 
 def test_gates_passed_needs_every_gate() -> None:
     good = check_gates([gate("tuned.exactMatch", ">=", 0.5), gate("delta.loss", "<", 0)], METRICS)
-    assert gates_passed(good)
+    assert all(r.passed for r in good)
     mixed = [*good, *check_gates([gate("tuned.exactMatch", ">=", 0.9)], METRICS)]
-    assert not gates_passed(mixed)
-    assert gates_passed([])
-    message = failed_gates_message(mixed)
-    assert message == "tuned.exactMatch >= 0.9: FAILED (actual 0.75)"
-    assert failed_gates_message(good) == "all gates passed"
+    failed = [r.describe() for r in mixed if not r.passed]
+    assert failed == ["tuned.exactMatch >= 0.9: FAILED (actual 0.75)"]
 
 
 def test_results_fit_the_status_model() -> None:

@@ -353,26 +353,6 @@ def check_gates(gates: list[api.GateSpec], metrics: api.Metrics) -> list[api.Gat
     return results
 
 
-def gates_passed(results: Sequence[api.GateResult]) -> bool:
-    """True when every gate held (and trivially when there are none)."""
-    return all(result.passed for result in results)
-
-
-def describe_gate(result: api.GateResult) -> str:
-    """One line for logs, the report and the GatesPassed condition message."""
-    verdict = "passed" if result.passed else "FAILED"
-    rule = f"{result.metric} {result.op} {result.value:g}"
-    if result.actual is None:
-        return f"{rule}: FAILED (not measured: see the report's evaluation notes)"
-    return f"{rule}: {verdict} (actual {result.actual:.4g})"
-
-
-def failed_gates_message(results: Sequence[api.GateResult]) -> str:
-    """The GatesPassed=False message: each failed gate, e.g. for the termination message."""
-    failed = [describe_gate(r) for r in results if not r.passed]
-    return "; ".join(failed) if failed else "all gates passed"
-
-
 # --------------------------------------------------------------------------------------------
 # the local table
 
@@ -400,9 +380,8 @@ def format_table(
         )
     if gates:
         lines.append("gates:")
-        lines.extend(f"  {describe_gate(g)}" for g in gates)
+        lines.extend(f"  {g.describe()}" for g in gates)
     if notes:
         lines.append("notes:")
         lines.extend(f"  {note}" for note in notes)
     return "\n".join(lines)
-
