@@ -9,8 +9,9 @@ turns that prefix into the full camelCase field path a user can find in their ma
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -36,6 +37,8 @@ CATEGORIES = ["kubetune"]
 
 # Names of children are "<name>" plus short suffixes; Job names must stay label-safe (63).
 MAX_NAME_LENGTH = 52
+# The API server refuses an object whose annotations (keys + values) exceed 256 KiB.
+MAX_ANNOTATIONS_BYTES = 256 * 1024
 
 # A storage location: s3://bucket[/prefix], file:///abs/path, or a plain path (local mode).
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|[^:]+)$"
@@ -861,6 +864,19 @@ class ObjectMeta(BaseModel):
     namespace: (
         Annotated[str, StringConstraints(max_length=63, pattern=DNS_LABEL_PATTERN)] | None
     ) = None
+    annotations: dict[str, str] | None = None
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_fit(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        # The API server's rule: keys plus values, in bytes, at most 256 KiB in total.
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in (value or {}).items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(
+                f"total size {size} bytes exceeds the API server's limit of "
+                f"{MAX_ANNOTATIONS_BYTES} bytes (256 KiB)"
+            )
+        return value
 
 
 class FineTuneJob(ApiModel):
@@ -917,9 +933,19 @@ def format_errors(error: ValidationError, prefix: Iterable[str | int] = ()) -> l
     return lines
 
 
+def _plain(value: object) -> object:
+    # kopf hands out read-only Mapping views; JSON needs dicts.
+    return dict(value) if isinstance(value, Mapping) else str(value)
+
+
 def parse_job(document: Any) -> FineTuneJob:
-    """Validate one manifest document; raises pydantic.ValidationError."""
-    return FineTuneJob.model_validate(document)
+    """Validate one manifest document as the API server reads it; raises ValidationError.
+
+    Strict, on the document's JSON form: the CRD schema refuses ``packing: "yes"`` or
+    ``batchSize: "8"``, so this does too instead of coercing them. (The trainer's config.json,
+    written from an already validated model, is read without strict mode.)
+    """
+    return FineTuneJob.model_validate_json(json.dumps(document, default=_plain), strict=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,6 +95,13 @@ class Operator:
         self.policy = api.Policy(allowedLicenses=config.allowed_licenses)
         self._scraper: aiohttp.ClientSession | None = None
 
+    def problems(self, job: api.FineTuneJob) -> list[str]:
+        """What would fail after the schema passed it: the license policy, and children the
+        API server would refuse (a ConfigMap over 1 MiB would be retried forever)."""
+        return _policy_errors(job, self.policy) + render.size_problems(
+            job, default_image=self.config.trainer_image, policy=self.policy
+        )
+
     async def ensure_children(self, job: api.FineTuneJob, uid: str) -> render.Children:
         children = render.render(
             job, uid=uid, default_image=self.config.trainer_image, policy=self.policy
@@ -131,7 +138,7 @@ class Operator:
                 return
             try:
                 job = _parse(body)
-                problems = _policy_errors(job, self.policy)
+                problems = self.problems(job)
             except ValidationError as error:
                 problems = api.format_errors(error)
             if problems:

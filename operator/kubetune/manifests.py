@@ -9,7 +9,33 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune import api
+from kubetune import api, render
+from kubetune.settings import DEFAULT_TRAINER_IMAGE
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as the API server reads it: a repeated key is an error (not "last one wins"), and
+    timestamps stay strings (JSON has no dates)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 @dataclass
@@ -43,9 +69,14 @@ def check_documents(documents: list[Any], where: str) -> Loaded:
         if document.get("kind") not in (api.KIND, None):
             continue
         try:
-            result.jobs.append(api.parse_job(document))
+            job = api.parse_job(document)
         except ValidationError as error:
             result.problems += [f"{where}: {name}: {line}" for line in api.format_errors(error)]
+            continue
+        too_big = render.size_problems(job, default_image=DEFAULT_TRAINER_IMAGE)
+        result.problems += [f"{where}: {name}: {line}" for line in too_big]
+        if not too_big:
+            result.jobs.append(job)
     return result
 
 
@@ -56,7 +87,7 @@ def load_file(path: str | Path) -> Loaded:
     except OSError as error:
         return Loaded(problems=[f"{path}: cannot read: {error.strerror or error}"])
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -125,6 +125,27 @@ def config_json(config: api.TrainerConfig) -> str:
     return json.dumps(config.to_api(), indent=2, sort_keys=True) + "\n"
 
 
+# The API server refuses a ConfigMap whose data (keys + values, in bytes) exceeds 1 MiB.
+MAX_CONFIG_MAP_BYTES = 1024 * 1024
+
+
+def size_problems(
+    job: api.FineTuneJob, *, default_image: str, policy: api.Policy | None = None
+) -> list[str]:
+    """The child the API server would refuse for its size: config.json over 1 MiB."""
+    image = job.spec.resources.image or default_image
+    config = trainer_config(job, uid=None, image=image, policy=policy or api.Policy())
+    size = len(api.CONFIG_FILE.encode()) + len(config_json(config).encode())
+    if size <= MAX_CONFIG_MAP_BYTES:
+        return []
+    spec = job.spec.to_api()
+    largest = max(spec, key=lambda key: len(json.dumps(spec[key])))
+    return [
+        f"spec: the trainer's ConfigMap would be {size} bytes, over the API server's limit of "
+        f"{MAX_CONFIG_MAP_BYTES} bytes (1 MiB); the largest part is spec.{largest}"
+    ]
+
+
 def _metadata(
     child: str, owner: str, namespace: str, uid: str | None, extra: dict[str, str] | None = None
 ) -> dict[str, Any]:

@@ -73,3 +73,89 @@ def test_console_script_entry_point() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("packing", "yes", "spec.training.packing: Input should be a valid boolean"),
+        ("learningRate", "0.002", "spec.training.learningRate: Input should be a valid number"),
+        ("batchSize", "8", "spec.training.batchSize: Input should be a valid integer"),
+    ],
+)
+def test_quoted_scalars_are_refused_like_the_api_server_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: str, expected: str
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(with_spec(**{f"training__{field}": value})))
+    code, _, err = run(capsys, str(path))
+    assert code == 1
+    assert err.splitlines() == [f"{path}: demo: {expected}"]
+
+
+def test_unquoted_numbers_and_booleans_still_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    # An integer where a number is expected is fine (JSON has one number type).
+    document = with_spec(training__packing=True, training__learningRate=1, training__batchSize=8)
+    path.write_text(yaml.safe_dump(document))
+    code, _, err = run(capsys, str(path))
+    assert (code, err) == (0, "")
+
+
+def test_annotations_over_256_kib_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    document = minimal()
+    document["metadata"]["annotations"] = {"example.com/notes": "x" * (5 * 1024 * 1024)}
+    path.write_text(yaml.safe_dump(document))
+    code, _, err = run(capsys, str(path))
+    assert code == 1
+    assert err.startswith(f"{path}: demo: metadata.annotations: total size ")
+    assert "262144 bytes (256 KiB)" in err
+    # Just under the limit (keys + values, in bytes) passes.
+    key = "example.com/notes"
+    document["metadata"]["annotations"] = {key: "x" * (256 * 1024 - len(key))}
+    path.write_text(yaml.safe_dump(document))
+    assert run(capsys, str(path))[0] == 0
+
+
+def test_a_spec_whose_configmap_exceeds_1_mib_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    selector = {f"example.com/label-{i}": "v" * 60 for i in range(15_000)}
+    path.write_text(yaml.safe_dump(with_spec(resources__nodeSelector=selector)))
+    code, _, err = run(capsys, str(path))
+    assert code == 1
+    (line,) = err.splitlines()
+    assert line.startswith(f"{path}: demo: spec: the trainer's ConfigMap would be ")
+    assert "limit of 1048576 bytes (1 MiB); the largest part is spec.resources" in line
+
+
+def test_duplicate_keys_are_refused_with_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    text = yaml.safe_dump(minimal(), sort_keys=False)
+    path.write_text(text.replace("  training:\n", "  training:\n    epochs: 3\n"))
+    code, _, err = run(capsys, str(path))
+    assert code == 1
+    lines = path.read_text().splitlines()
+    second = next(i for i, line in enumerate(lines, 1) if line == "    epochs: 1")
+    assert err.splitlines() == [
+        f"{path}: invalid YAML at line {second}, column 5: "
+        f"duplicate key 'epochs' (first at line {second - 1})"
+    ]
+
+
+def test_dates_stay_strings_as_on_the_api_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    text = yaml.safe_dump(minimal(), sort_keys=False)
+    path.write_text(text.replace("  model:\n", "  model:\n    revision: 2026-01-31\n"))
+    code, _, err = run(capsys, str(path))
+    assert (code, err) == (0, "")

@@ -249,3 +249,17 @@ def test_cli_render_refuses_a_bad_manifest_naming_the_field(tmp_path: Path) -> N
     assert result.returncode == 1
     assert "spec.training.batchSize" in result.stderr
     assert result.stdout == ""
+
+
+def test_the_operator_refuses_a_spec_whose_configmap_the_api_server_would_refuse() -> None:
+    from kubetune.handlers import Operator
+    from kubetune.settings import Settings
+
+    data = load("quickstart").to_api()
+    operator = Operator(Settings())
+    assert operator.problems(api.parse_job(data)) == []
+    # Within the CRD's limits (nodeSelector has no maxProperties) but too big for a ConfigMap.
+    data["spec"]["resources"]["nodeSelector"] = {f"k{i}": "v" * 63 for i in range(16_000)}
+    (problem,) = operator.problems(api.parse_job(data))
+    assert problem.startswith("spec: the trainer's ConfigMap would be ")
+    assert problem.endswith("limit of 1048576 bytes (1 MiB); the largest part is spec.resources")
