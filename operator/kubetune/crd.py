@@ -235,7 +235,7 @@ def api_reference() -> str:
         f"- `metadata.name` is at most {api.MAX_NAME_LENGTH} characters.",
         "",
         "`kubetune validate` also refuses what the API server would: a quoted scalar where a "
-        "number or boolean belongs (`batchSize: \"8\"`), a repeated YAML key, annotations over "
+        'number or boolean belongs (`batchSize: "8"`), a repeated YAML key, annotations over '
         "256 KiB in total, and a spec whose rendered ConfigMap would exceed 1 MiB.",
         "",
     ]

@@ -292,10 +292,8 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
         settings.watching.client_timeout = 330
         metrics.start_server(config.metrics_port)
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # A custom registry does not get kopf's default login: in-cluster first, then KUBECONFIG.
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    # A custom registry does not get kopf's default login; the API client logs in the same way.
+    kopf.on.login(registry=registry)(k8s.login)
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:

@@ -21,6 +21,9 @@ enough permissions to watch for resources" once and works from API discovery at 
 
 Children are created with deterministic names; 409 Conflict means "already there" (an operator
 restart or a retried handler), never a duplicate.
+
+Credentials come from :func:`login`, kopf's login handler too; the client logs in again on 401
+or when they expire (rotated ServiceAccount tokens, exec-plugin credentials).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import kopf
 
 from kubetune import __version__, metrics
 
@@ -55,41 +60,74 @@ class ApiError(Exception):
         self.reason = reason
 
 
-@dataclass
-class Connection:
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials, the same for kopf (its login handler) and for :class:`Client`: the pod's
+    ServiceAccount token first, then KUBECONFIG through the kubernetes client (token files,
+    exec plugins such as EKS's and GKE's, auth providers). Read afresh on every call, so a
+    rotated token is picked up by logging in again."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_via_client(**kwargs)
+
+
+Login = Callable[[], Awaitable[kopf.ConnectionInfo]]
+
+
+async def _default_login() -> kopf.ConnectionInfo:
+    info = await asyncio.to_thread(login, logger=log, settings=kopf.OperatorSettings())
+    if info is None:
+        raise ApiError(0, "LoginError", "no credentials: neither in-cluster nor KUBECONFIG")
+    return info
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """What one login gives: where to send requests and how to authenticate them."""
+
+    info: kopf.ConnectionInfo
     server: str
-    token: str | None = None
-    ssl: ssl.SSLContext | bool = True
+    headers: dict[str, str]
+    ssl: ssl.SSLContext | bool
 
+    @classmethod
+    def of(cls, info: kopf.ConnectionInfo) -> _Credentials:
+        context = info.as_ssl_context() if info.server.startswith("https") else True
+        return cls(info, info.server.rstrip("/"), info.as_http_headers(), context)
 
-def _load_connection() -> Connection:
-    # The kubernetes client already knows kubeconfig and in-cluster config; kopf logs in with it
-    # too, so both see the same cluster.
-    from kubernetes import client, config
-
-    cfg = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=cfg)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=cfg)
-    context: ssl.SSLContext | bool = True
-    if cfg.host.startswith("https"):
-        if not cfg.verify_ssl:
-            context = False
-        else:
-            context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-            if cfg.cert_file and cfg.key_file:
-                context.load_cert_chain(cfg.cert_file, cfg.key_file)
-    token = cfg.get_api_key_with_prefix("authorization")  # runs the token refresh hook
-    return Connection(server=cfg.host.rstrip("/"), token=token, ssl=context)
+    def expired(self, now: datetime) -> bool:
+        expiration = self.info.expiration
+        if expiration is None:
+            return False
+        if expiration.tzinfo is None:
+            expiration = expiration.replace(tzinfo=UTC)
+        return now >= expiration
 
 
 class Client:
-    """A small async client: the handful of calls the handlers make."""
+    """A small async client: the handful of calls the handlers make.
 
-    def __init__(self, connection: Connection | None = None) -> None:
-        self._connection = connection
+    It logs in with ``login`` (default: :func:`login`, as kopf does) and logs in again when
+    the server answers 401 or the credentials expire, then retries the request once: tokens
+    rotate (projected ServiceAccount tokens, exec-plugin credentials) while the operator runs.
+    """
+
+    def __init__(self, login: Login | None = None) -> None:
+        self._login = login or _default_login
+        self._auth: _Credentials | None = None
+        self._auth_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+
+    async def _authenticated(self, stale: _Credentials | None = None) -> _Credentials:
+        """The current credentials; a fresh login when there are none, they expired, or they
+        are the ``stale`` ones a request was refused with (one login for many such requests)."""
+        async with self._auth_lock:
+            auth = self._auth
+            if auth is None or auth is stale or auth.expired(datetime.now(UTC)):
+                if auth is not None:
+                    log.info("logging in to the API server again (credentials refused or expired)")
+                try:
+                    auth = self._auth = _Credentials.of(await self._login())
+                except kopf.LoginError as error:
+                    raise ApiError(0, "LoginError", str(error)) from error
+            return auth
 
     async def _request(
         self,
@@ -100,28 +138,16 @@ class Client:
         content_type: str = "application/json",
         operation: str,
     ) -> Any:
-        if self._connection is None:
-            self._connection = await asyncio.to_thread(_load_connection)
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        conn = self._connection
-        headers = {
-            "Content-Type": content_type,
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
-        if conn.token:
-            headers["Authorization"] = conn.token
         try:
-            async with self._session.request(
-                method, conn.server + path, json=body, headers=headers, ssl=conn.ssl
-            ) as response:
-                data = await response.json(content_type=None)
-                if response.status >= 400:
-                    reason = data.get("reason", "") if isinstance(data, dict) else ""
-                    message = data.get("message", "") if isinstance(data, dict) else str(data)
-                    raise ApiError(response.status, reason or response.reason or "", message)
-                return data
+            auth = await self._authenticated()
+            try:
+                return await self._send(auth, method, path, body, content_type)
+            except ApiError as error:
+                if error.status != 401:
+                    raise
+                return await self._send(
+                    await self._authenticated(stale=auth), method, path, body, content_type
+                )
         except ApiError as error:
             if error.status != 409:
                 metrics.api_error(operation, error.reason or str(error.status))
@@ -129,6 +155,27 @@ class Client:
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             metrics.api_error(operation, type(error).__name__)
             raise ApiError(0, type(error).__name__, str(error)) from error
+
+    async def _send(
+        self, auth: _Credentials, method: str, path: str, body: Any, content_type: str
+    ) -> Any:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        headers = {
+            **auth.headers,
+            "Content-Type": content_type,
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        async with self._session.request(
+            method, auth.server + path, json=body, headers=headers, ssl=auth.ssl
+        ) as response:
+            data = await response.json(content_type=None)
+            if response.status >= 400:
+                reason = data.get("reason", "") if isinstance(data, dict) else ""
+                message = data.get("message", "") if isinstance(data, dict) else str(data)
+                raise ApiError(response.status, reason or response.reason or "", message)
+            return data
 
     async def create(self, obj: Mapping[str, Any]) -> bool:
         """Create a namespaced object; False when it already exists (409)."""
