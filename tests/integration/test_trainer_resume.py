@@ -66,3 +66,35 @@ def test_sigterm_then_restart_matches_uninterrupted_run(tmp_path: Path) -> None:
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
     # keepCheckpoints (2): only the newest survive.
     assert len(list((resumed / "checkpoints").glob("step-*/manifest.json"))) == 2
+
+
+@pytest.mark.timeout(400)
+def test_resume_with_another_training_config_refuses_naming_the_fields(tmp_path: Path) -> None:
+    data = tr.write_rows(tmp_path / "rows.jsonl", 96)
+    output = tmp_path / "out"
+    code, out = tr.run_trainer(
+        tr.write_config(tmp_path / "a.json", tr.config(data, output)), tmp_path / "term"
+    )
+    assert code == 0, out
+    report_before = (output / "report.json").read_bytes()
+    splits_before = (output / "splits" / "manifest.json").read_bytes()
+
+    changed = tr.config(data, output, learningRate=0.0001, maxSteps=9)
+    code, out = tr.run_trainer(tr.write_config(tmp_path / "b.json", changed), tmp_path / "term")
+    assert code == api.EXIT_USER_ERROR, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    assert "spec.training.learningRate 0.002 -> 0.0001" in errors[0]
+    assert "spec.training.maxSteps 6 -> 9" in errors[0]
+    assert "new output destination" in errors[0]
+    assert "resumed from" not in out and "Traceback" not in out
+    # Refused before anything was written: the finished run's files are untouched.
+    assert (output / "report.json").read_bytes() == report_before
+    assert (output / "splits" / "manifest.json").read_bytes() == splits_before
+
+    # What cannot change the weights (checkpoint cadence, evaluation) may differ.
+    same = tr.config(data, output, checkpointEverySteps=3, keepCheckpoints=3)
+    same.spec.evaluation.maxNewTokens = 2
+    code, out = tr.run_trainer(tr.write_config(tmp_path / "c.json", same), tmp_path / "term")
+    assert code == 0, out
+    assert f"resumed from file://{output}/checkpoints/step-6" in out

@@ -127,6 +127,21 @@ def load_data(config: api.TrainerConfig, options: Options, workdir: Path) -> Dat
     return DataStage(dataset, splits, spec.source)
 
 
+def check_same_training(
+    config: api.TrainerConfig, data: DataStage, world: Any, output: Any
+) -> dict[str, Any]:
+    """The fingerprint of this training; refuses before anything is written when the output
+    already holds checkpoints of another one."""
+    from . import train as train_stage
+
+    hashes = {"spec.dataset.source content (sha256)": data.dataset.sha256}
+    for name, digest in data.splits.hashes.items():
+        hashes[f"{name} split (sha256 of row ids)"] = digest
+    prints = train_stage.fingerprint(config.spec, hashes, world.size)
+    train_stage.check_resumable(output, prints)
+    return prints
+
+
 def check_eval_inputs(config: api.TrainerConfig, options: Options) -> None:
     """Safety prompt files and the classifier are checked before training: a typo must fail in
     seconds, not after hours of GPU time."""
@@ -298,6 +313,7 @@ def train_model(
     output: Any,
     telemetry: Any,
     log: Log,
+    prints: dict[str, Any] | None = None,
 ) -> Trained:
     """Encode, plan, restore the newest checkpoint, run the loop; leaves m.model unwrapped
     (on rank 0: unsharded), in eval mode and on plain sdpa attention for evaluation and
@@ -351,6 +367,7 @@ def train_model(
         world=world,
         storage=output,
         collate_mode="flat" if spec.training.packing else "padded",
+        fingerprint=prints,
     )
     state = train_stage.train(
         setup,
@@ -530,6 +547,7 @@ def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
             check_license(config)
         with timer.stage("data", log):
             data = load_data(config, options, workdir)
+            prints = check_same_training(config, data, world, output)
             check_eval_inputs(config, options)
             if world.main:
                 commit_splits(data, output, workdir)
@@ -538,7 +556,9 @@ def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
             m = load_model(config, options, data.splits.test, world.main, workdir)
             log(f"  {m.total:,} parameters, {m.trainable:,} trainable ({spec.method.type})")
         with timer.stage("train", log):
-            trained = train_model(config, options, m, data.splits, world, output, telemetry, log)
+            trained = train_model(
+                config, options, m, data.splits, world, output, telemetry, log, prints
+            )
         if not world.main:
             return Result(api.FineTuneJobStatus(phase="Succeeded"), {}, [])  # rank 0 reports
         with timer.stage("evaluate", log):

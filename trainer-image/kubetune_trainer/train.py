@@ -152,6 +152,92 @@ def build_optimizer(
 
 
 # ---------------------------------------------------------------------------------------------
+# the training fingerprint: a checkpoint resumes only the training that wrote it
+
+FINGERPRINT = "fingerprint.json"
+# The spec sections that decide the trained weights.
+_TRAINING_SECTIONS = ("model", "dataset", "method", "training")
+# Fields in those sections that cannot change the weights, so a resume may change them: where
+# the data lives (its content is fingerprinted instead), license records, checkpoint cadence,
+# and recomputing activations (gradient checkpointing trades memory for time, same math).
+_RESULT_NEUTRAL = (
+    "spec.model.license",
+    "spec.dataset.source",
+    "spec.dataset.split.validationSource",
+    "spec.dataset.split.testSource",
+    "spec.dataset.license",
+    "spec.dataset.maxInvalidFraction",
+    "spec.training.checkpointEverySteps",
+    "spec.training.keepCheckpoints",
+    "spec.training.gradientCheckpointing",
+    "spec.training.gradientAccumulationSteps",  # replaced by the step's micro-batches below
+)
+MICRO_BATCHES_PER_STEP = "micro-batches per optimizer step (gradientAccumulationSteps x processes)"
+
+
+def _flatten(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _flatten(item, f"{prefix}.{key}")
+    else:
+        yield prefix, value
+
+
+def fingerprint(
+    spec: api.FineTuneJobSpec, data_hashes: dict[str, str], world_size: int
+) -> dict[str, Any]:
+    """Every input that changes the trained weights, as {field: value}. ``data_hashes`` names
+    the data's content (e.g. the dataset and each split's sha256). A job may come back with
+    another number of GPUs: only the micro-batches of one optimizer step count."""
+    body = {name: spec.to_api().get(name, {}) for name in _TRAINING_SECTIONS}
+    prints = {
+        key: value
+        for key, value in _flatten(body, "spec")
+        if not any(key == n or key.startswith(n + ".") for n in _RESULT_NEUTRAL)
+    }
+    prints[MICRO_BATCHES_PER_STEP] = spec.training.gradientAccumulationSteps * world_size
+    prints.update(data_hashes)
+    return prints
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'field: old -> new' for every field that differs (absent: unset)."""
+
+    def shown(value: Any) -> str:
+        return "unset" if value is None else json.dumps(value)
+
+    return [
+        f"{key} {shown(saved.get(key))} -> {shown(current.get(key))}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def check_resumable(storage: Any, current: dict[str, Any]) -> None:
+    """Refuse (UserError) when the output holds checkpoints of a different training: resuming
+    would mix two trainings in one model and one report. Checkpoints written before
+    fingerprints existed resume as they always did."""
+    from .errors import UserError
+
+    for rel in reversed(storage.committed(CHECKPOINTS)):
+        key = f"{rel}/{FINGERPRINT}"
+        if not storage.exists(key):
+            continue
+        try:
+            saved = json.loads(storage.read_bytes(key))
+        except ValueError:
+            continue  # corrupt: loading verifies the checkpoint and falls back past it
+        differences = fingerprint_differences(saved, current)
+        if differences:
+            raise UserError(
+                f"spec.output.destination: {storage.uri_for(rel)} was trained with another "
+                f"config ({'; '.join(differences)}); resuming would mix two trainings: choose a "
+                "new output destination (or restore those values to resume)"
+            )
+        return
+
+
+# ---------------------------------------------------------------------------------------------
 # checkpoints
 
 
@@ -191,6 +277,7 @@ def save_checkpoint(
     keep: int,
     *,
     gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    prints: dict[str, Any] | None = None,
 ) -> str:
     """Write the checkpoint locally, commit it (manifest last), then prune old ones. A sharded
     model passes its `gathered` checkpoint_state (rank 0 alone writes)."""
@@ -215,6 +302,8 @@ def save_checkpoint(
         record = asdict(state)
         record["python_rng"] = _jsonable(random.getstate())
         (folder / "state.json").write_text(json.dumps(record, indent=1))
+        if prints is not None:
+            (folder / FINGERPRINT).write_text(json.dumps(prints, indent=1, sort_keys=True))
         uri: str = storage.commit_dir(folder, f"{CHECKPOINTS}/step-{state.step}")
     for old in storage.committed(CHECKPOINTS)[:-keep]:
         storage.delete(old)
@@ -356,6 +445,7 @@ class Setup:
     world: World = field(default_factory=World)
     storage: Any = None  # checkpoint storage; only rank 0 writes
     collate_mode: str = "flat"
+    fingerprint: dict[str, Any] | None = None  # written with every checkpoint
 
 
 def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -559,6 +649,7 @@ def _checkpoint(
         state,
         setup.spec.keepCheckpoints,
         gathered=gathered,
+        prints=setup.fingerprint,
     )
 
 
