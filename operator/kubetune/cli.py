@@ -5,10 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from kubetune import crd, manifests
+from kubetune import api, crd, manifests
 
 EXIT_OK, EXIT_INVALID = 0, 1
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one 'error:' line and exit 10, like every other user error (argparse
+    prints the whole usage and exits 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(api.EXIT_USER_ERROR, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -83,7 +102,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kubetune", description="Fine-tune LLMs on Kubernetes or locally from one manifest."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,8 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a FineTuneJob manifest locally (CPU or one GPU)")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--output", help="output folder (overrides spec.output.destination)")
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument(
+        "--output",
+        help="output folder or URI: a path, file:///path or s3://bucket/prefix (overrides "
+        "spec.output.destination)",
+    )
+    p.add_argument("--max-steps", type=positive_int, help="stop after N optimizer steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics (0: off)")
     p.set_defaults(func=cmd_run)

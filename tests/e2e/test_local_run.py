@@ -131,3 +131,65 @@ def test_user_errors_exit_10_with_one_line_and_no_artifacts(
     assert "Traceback" not in result.stderr
     for artifact in ("adapter", "report.json", "checkpoints"):
         assert not (tmp_path / "out" / artifact).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max-steps", "0"], "argument --max-steps: must be at least 1, got 0"),
+        (["--max-steps", "-3"], "argument --max-steps: must be at least 1, got -3"),
+        (["--max-steps", "many"], "argument --max-steps: expected a whole number, got 'many'"),
+        (["--output", "s3://"], "--output (spec.output.destination: "),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_command_line_is_one_error_line_and_exit_10(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    manifest = _manifest(tmp_path)
+    result = _kubetune("run", str(manifest), "--no-progress", *args, cwd=tmp_path)
+    assert result.returncode == api.EXIT_USER_ERROR, result.stdout + result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(300)
+def test_output_may_be_a_file_or_s3_uri(
+    tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support import s3
+
+    s3.s3_env(monkeypatch)
+    bucket = s3.new_bucket(s3_server)
+    manifest = _manifest(tmp_path, storage={"s3": {"endpoint": s3_server, "region": s3.REGION}})
+    into_s3 = _kubetune(
+        "run",
+        str(manifest),
+        "--no-progress",
+        "--max-steps",
+        "2",
+        "--output",
+        f"s3://{bucket}/run",
+        cwd=tmp_path,
+    )
+    assert into_s3.returncode == 0, into_s3.stdout + into_s3.stderr
+    keys = {o["Key"] for o in s3.client(s3_server).list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {"run/report.json", "run/adapter/manifest.json"} <= keys
+    assert f"adapter     s3://{bucket}/run/adapter" in into_s3.stdout
+
+    folder = tmp_path / "elsewhere"
+    into_file = _kubetune(
+        "run",
+        str(manifest),
+        "--no-progress",
+        "--max-steps",
+        "2",
+        "--output",
+        folder.as_uri(),
+        cwd=tmp_path,
+    )
+    assert into_file.returncode == 0, into_file.stdout + into_file.stderr
+    assert (folder / "report.json").is_file()
+    assert (folder / "adapter" / "manifest.json").is_file()

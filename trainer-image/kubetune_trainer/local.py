@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from kubetune import api, manifests
 
 from .__main__ import Options, Result, run, run_and_report
+from .errors import UserError
 
 # Uri fields a manifest may give as paths relative to itself (dotted, under spec).
 _PATH_FIELDS = (
@@ -43,18 +44,35 @@ def resolve_paths(spec: dict[str, Any], base: Path) -> dict[str, Any]:
     return spec
 
 
+# Command-line flags that override a spec field, for messages about their values.
+_FLAGS = {"spec.output.destination": "--output", "spec.training.maxSteps": "--max-steps"}
+
+
 def build_config(
     job: api.FineTuneJob, manifest: Path, *, output: str | None, max_steps: int | None
 ) -> api.TrainerConfig:
+    """The trainer config of a manifest and the command's overrides; UserError naming the flag
+    when an override is invalid."""
+    from pydantic import ValidationError
+
     spec = resolve_paths(job.spec.to_api(), manifest.resolve().parent)
     if output is not None:
-        spec["output"]["destination"] = str(Path(output).resolve())
+        # A URI (s3://, file://) stays as given; a plain path is relative to the shell's cwd.
+        local = "://" not in output
+        spec["output"]["destination"] = (
+            str(Path(output).expanduser().resolve()) if local else output
+        )
     if max_steps is not None:
         spec["training"]["maxSteps"] = max_steps
+    try:
+        validated = api.FineTuneJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        lines = api.format_errors(exc, ("spec",))
+        for field, flag in _FLAGS.items():
+            lines = [f"{flag} ({line})" if line.startswith(field + ":") else line for line in lines]
+        raise UserError("; ".join(lines)) from None
     return api.TrainerConfig(
-        name=job.metadata.name,
-        namespace=job.metadata.namespace or "default",
-        spec=api.FineTuneJobSpec.model_validate(spec),
+        name=job.metadata.name, namespace=job.metadata.namespace or "default", spec=validated
     )
 
 
@@ -120,12 +138,16 @@ def run_manifest(
     loaded = manifests.load_file(path)
     if loaded.problems:
         for line in loaded.problems:
-            print(line, file=sys.stderr)
+            print(f"error: {line}", file=sys.stderr)
         return api.EXIT_USER_ERROR
     if len(loaded.jobs) != 1:
-        print(f"{path}: expected one FineTuneJob, found {len(loaded.jobs)}", file=sys.stderr)
+        print(f"error: {path}: expected one FineTuneJob, found {len(loaded.jobs)}", file=sys.stderr)
         return api.EXIT_USER_ERROR
-    config = build_config(loaded.jobs[0], Path(path), output=output, max_steps=max_steps)
+    try:
+        config = build_config(loaded.jobs[0], Path(path), output=output, max_steps=max_steps)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     bar = Bar(progress, sys.stderr)
     options = Options(
         base_dir=Path(path).resolve().parent,
