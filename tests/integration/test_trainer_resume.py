@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -98,3 +99,70 @@ def test_resume_with_another_training_config_refuses_naming_the_fields(tmp_path:
     code, out = tr.run_trainer(tr.write_config(tmp_path / "c.json", same), tmp_path / "term")
     assert code == 0, out
     assert f"resumed from file://{output}/checkpoints/step-6" in out
+
+
+def _signal_at(proc: subprocess.Popen[str], marker: str, sig: signal.Signals) -> str:
+    """Send `sig` as soon as the trainer prints a line containing `marker`; all its output."""
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    return "".join(seen) + rest
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_before_training_exits_12_with_a_message(tmp_path: Path) -> None:
+    data = tr.write_rows(tmp_path / "rows.jsonl", 96)
+    config = tr.write_config(tmp_path / "c.json", tr.config(data, tmp_path / "out"))
+    proc = tr.start_trainer(config, tmp_path / "term")
+    out = _signal_at(proc, "[model]", signal.SIGTERM)
+    assert proc.returncode == api.EXIT_PREEMPTED, out
+    assert "error: SIGTERM during the model stage, before training: nothing to save" in out
+    assert "Traceback" not in out
+    message = json.loads((tmp_path / "term").read_text())
+    assert "phase" not in message  # preempted is not failed: the Job retries
+    assert "SIGTERM during the model stage" in message["message"]
+
+
+@pytest.mark.timeout(400)
+def test_ctrl_c_checkpoints_and_a_signal_after_training_redoes_only_evaluation(
+    tmp_path: Path,
+) -> None:
+    data = tr.write_rows(tmp_path / "rows.jsonl", 96)
+    output = tmp_path / "out"
+    cfg = tr.config(data, output)
+    cfg.spec.evaluation.maxSamples, cfg.spec.evaluation.maxNewTokens = None, 32
+    config = tr.write_config(tmp_path / "c.json", cfg)
+
+    # Ctrl-C during training: the step finishes, a checkpoint is committed, and the message
+    # says that rerunning resumes.
+    proc = tr.start_trainer(config, tmp_path / "term")
+    out = _signal_at(proc, "checkpoint step 2:", signal.SIGINT)
+    assert proc.returncode == api.EXIT_PREEMPTED, out
+    assert "KeyboardInterrupt" not in out and "Traceback" not in out
+    stopped = [line for line in out.splitlines() if line.startswith("error: SIGINT at step ")]
+    assert stopped and "checkpoint committed; rerunning resumes from it" in stopped[0], out
+    step = int(stopped[0].split("at step ")[1].split("/")[0])
+    assert (output / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
+
+    # SIGTERM during evaluation: training is committed, so the rerun only evaluates.
+    proc = tr.start_trainer(config, tmp_path / "term")
+    out = _signal_at(proc, "[evaluate]", signal.SIGTERM)
+    assert proc.returncode == api.EXIT_PREEMPTED, out
+    assert f"resumed from file://{output}/checkpoints/step-{step}" in out
+    assert (
+        "error: SIGTERM during the evaluate stage: training is done and its checkpoint "
+        "(step 6) committed; rerunning redoes only evaluation, export and report"
+    ) in out
+    assert (output / "checkpoints" / "step-6" / "manifest.json").is_file()
+    assert not (output / "adapter").exists() and not (output / "report.json").exists()
+
+    code, out = tr.run_trainer(config, tmp_path / "term")
+    assert code == 0, out
+    assert f"resumed from file://{output}/checkpoints/step-6 (step 6/6)" in out
+    report = json.loads((output / "report.json").read_text())
+    assert [h["step"] for h in report["history"]] == list(range(1, 7))

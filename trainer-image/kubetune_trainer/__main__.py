@@ -5,8 +5,8 @@
 
 Exit codes (docs/trainer.md): 0 done; 10 user error (bad spec or data: not retried); 11
 infrastructure error (storage, network, an unexpected exception: retried); 12 preempted
-(SIGTERM: a checkpoint was committed; retried, not counted). Every failure prints one line
-(a traceback only for unexpected exceptions) and writes the termination message.
+(SIGTERM or SIGINT: what was done is committed; retried, not counted). Every failure prints
+one line (a traceback only for unexpected exceptions) and writes the termination message.
 """
 
 from __future__ import annotations
@@ -53,10 +53,12 @@ class Result:
 class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.current = "start"
 
     @contextmanager
     def stage(self, name: str, log: Log) -> Iterator[None]:
         start = time.monotonic()
+        self.current = name
         log(f"[{name}]")
         try:
             yield
@@ -314,6 +316,7 @@ def train_model(
     telemetry: Any,
     log: Log,
     prints: dict[str, Any] | None = None,
+    interrupts: Any = None,
 ) -> Trained:
     """Encode, plan, restore the newest checkpoint, run the loop; leaves m.model unwrapped
     (on rank 0: unsharded), in eval mode and on plain sdpa attention for evaluation and
@@ -378,6 +381,7 @@ def train_model(
         telemetry=telemetry,
         progress=options.progress if world.main else None,
         log=log,
+        interrupts=interrupts,
     )
     if state.stopped_early:
         log(f"  early stop at step {state.step} (best eval loss {state.best_eval})")
@@ -526,12 +530,52 @@ def write_report(output: Any, workdir: Path, report: dict[str, Any]) -> None:
 
 
 def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
+    """The whole run under one SIGTERM/SIGINT handler: a signal anywhere exits 12 with a
+    message saying what a rerun redoes (interrupts.py)."""
+    from .interrupts import Interrupted, Interrupts
+
+    timer, committed = Timer(), Committed()
+    with Interrupts().installed() as interrupts:
+        try:
+            return run_stages(config, options or Options(), timer, interrupts, committed)
+        except Interrupted as stop:
+            raise Preempted(
+                interrupted_message(stop.signal_name, timer.current, committed)
+            ) from None
+
+
+@dataclass
+class Committed:
+    """What is committed so far, for the message of an interrupted run."""
+
+    trained_steps: int | None = None  # set once training is done and checkpointed
+
+
+def interrupted_message(signal_name: str, stage: str, committed: Committed) -> str:
+    if committed.trained_steps is None:
+        return (
+            f"{signal_name} during the {stage} stage, before training: nothing to save; "
+            "rerunning starts over (from the newest checkpoint, if any)"
+        )
+    return (
+        f"{signal_name} during the {stage} stage: training is done and its checkpoint "
+        f"(step {committed.trained_steps}) committed; rerunning redoes only evaluation, export "
+        "and report"
+    )
+
+
+def run_stages(
+    config: api.TrainerConfig,
+    options: Options,
+    timer: Timer,
+    interrupts: Any,
+    committed: Committed,
+) -> Result:
     from .export import export
     from .report import Telemetry
     from .storage import Storage
 
-    options = options or Options()
-    spec, timer = config.spec, Timer()
+    spec = config.spec
     world = init_distributed()
     log: Log = options.log if world.main else (lambda line: None)
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="kubetune-"))
@@ -557,8 +601,9 @@ def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
             log(f"  {m.total:,} parameters, {m.trainable:,} trainable ({spec.method.type})")
         with timer.stage("train", log):
             trained = train_model(
-                config, options, m, data.splits, world, output, telemetry, log, prints
+                config, options, m, data.splits, world, output, telemetry, log, prints, interrupts
             )
+            committed.trained_steps = trained.state.step
         if not world.main:
             return Result(api.FineTuneJobStatus(phase="Succeeded"), {}, [])  # rank 0 reports
         with timer.stage("evaluate", log):

@@ -22,9 +22,7 @@ import contextlib
 import json
 import math
 import random
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +36,7 @@ from kubetune import api
 
 from . import packing
 from .errors import Preempted
+from .interrupts import Interrupts
 from .model import is_sharded, trainable_parameters
 from .packing import EncodedLike
 from .report import Telemetry, peak_memory_bytes
@@ -402,33 +401,6 @@ def _by_name(
 
 
 # ---------------------------------------------------------------------------------------------
-# SIGTERM: finish the step, checkpoint, exit 12
-
-
-class StopFlag:
-    """Set by SIGTERM (preemption); the loop checks it between optimizer steps."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopFlag]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum: int, frame: Any) -> None:
-            self.requested = True
-
-        signal.signal(signal.SIGTERM, handler)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-# ---------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -532,8 +504,10 @@ def train(
     telemetry: Telemetry | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] = print,
+    interrupts: Interrupts | None = None,
 ) -> TrainState:
-    """Run optimizer steps until plan.total_steps, early stop, or SIGTERM (-> Preempted)."""
+    """Run optimizer steps until plan.total_steps, early stop, or SIGTERM/SIGINT: then a
+    checkpoint and Preempted. ``interrupts`` is the run's handler (installed here if none)."""
     spec, world, model = setup.spec, setup.world, setup.model
     lengths = [len(s.input_ids) for s in setup.train]
     accum = spec.gradientAccumulationSteps
@@ -542,8 +516,10 @@ def train(
     saved_at = state.step  # a resumed step is committed already; step 0 never is needed
     previous = started
     model.train()
-    flag = StopFlag()
-    with flag.installed():
+    with contextlib.ExitStack() as stack:
+        if interrupts is None:
+            interrupts = stack.enter_context(Interrupts().installed())
+        stack.enter_context(interrupts.deferred())
         epoch_cache: tuple[int, list[list[list[int]]]] = (-1, [])
         while state.step < plan.total_steps and not state.stopped_early:
             if epoch_cache[0] != state.epoch:
@@ -613,7 +589,8 @@ def train(
                 )
             if progress is not None:
                 progress({**entry, "totalSteps": plan.total_steps, "etaSeconds": eta})
-            stop = _all_reduce(1.0 if flag.requested else 0.0, world, setup.device, op="max")
+            received = interrupts.received
+            stop = _all_reduce(1.0 if received else 0.0, world, setup.device, op="max")
             due = state.step % spec.checkpointEverySteps == 0
             if due or stop:
                 uri = _checkpoint(setup, optimizer, scheduler, state)
@@ -622,13 +599,19 @@ def train(
                     log(f"checkpoint step {state.step}: {uri}")
             if stop:
                 raise Preempted(
-                    f"SIGTERM at step {state.step}/{plan.total_steps}: checkpoint committed; "
-                    "a restart resumes from it"
+                    f"{received or 'SIGTERM'} at step {state.step}/{plan.total_steps}: "
+                    "checkpoint committed; rerunning resumes from it"
                 )
         state.train_seconds = round(state.train_seconds, 3)
-    if saved_at != state.step:
-        # A final checkpoint: a rerun after a failed export resumes here instead of retraining.
-        _checkpoint(setup, optimizer, scheduler, state)
+        if saved_at != state.step:
+            # A final checkpoint: a rerun after a failed (or interrupted) evaluation or export
+            # resumes here instead of retraining.
+            _checkpoint(setup, optimizer, scheduler, state)
+        if interrupts.received:
+            raise Preempted(
+                f"{interrupts.received} at the end of training (step {state.step}): checkpoint "
+                "committed; rerunning evaluates and exports without training again"
+            )
     return state
 
 
