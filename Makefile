@@ -18,6 +18,7 @@ CRD_DIR       ?= crds
 DOCS_FILE     ?= docs/api.md
 CHART_CRD_DIR ?= helm/kubetune/crds
 CRD_FILE      := finetunejobs.kubetune.io.yaml
+SWEEP_CRD_FILE := finetunesweeps.kubetune.io.yaml
 
 .PHONY: help
 help: ## list the targets
@@ -29,6 +30,8 @@ generate: ## regenerate every generated file: crds/, docs/api.md, the chart's CR
 	$(KUBETUNE) crd > $(CRD_DIR)/$(CRD_FILE)
 	$(KUBETUNE) docs > $(DOCS_FILE)
 	cp $(CRD_DIR)/$(CRD_FILE) $(CHART_CRD_DIR)/$(CRD_FILE)
+	$(KUBETUNE) crd FineTuneSweep > $(CRD_DIR)/$(SWEEP_CRD_FILE)
+	cp $(CRD_DIR)/$(SWEEP_CRD_FILE) $(CHART_CRD_DIR)/$(SWEEP_CRD_FILE)
 
 .PHONY: pins
 pins: ## pin the images' dependencies to the versions in this venv (operator/, trainer-image/constraints.txt)

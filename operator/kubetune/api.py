@@ -755,6 +755,15 @@ class Condition(ApiModel):
     observedGeneration: int | None = Field(default=None, ge=0, description="Generation evaluated.")
 
 
+# Validation losses kept in status.progress.evalHistory (the newest; a sweep prunes on them).
+MAX_EVAL_HISTORY = 50
+
+
+class EvalPoint(ApiModel):
+    step: int = Field(ge=0, description="Optimizer step of the evaluation.")
+    evalLoss: float = Field(description="Validation loss at that step.")
+
+
 class Progress(ApiModel):
     step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
     totalSteps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
@@ -766,6 +775,12 @@ class Progress(ApiModel):
     learningRate: float | None = Field(default=None, description="Current learning rate.")
     tokensPerSecond: float | None = Field(default=None, ge=0, description="Training throughput.")
     updatedAt: str | None = Field(default=None, description="When this was read from the trainer.")
+    evalHistory: list[EvalPoint] = Field(
+        default_factory=list,
+        max_length=MAX_EVAL_HISTORY,
+        description="Validation loss per evaluation step (the newest "
+        f"{MAX_EVAL_HISTORY}); a FineTuneSweep's median pruning compares trials on it.",
+    )
 
 
 class Metrics(ApiModel):

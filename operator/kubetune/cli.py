@@ -32,26 +32,32 @@ def positive_int(text: str) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     problems: list[str] = []
-    count = 0
+    count = sweeps = 0
     for path in args.files:
         loaded = manifests.load_file(path)
         count += len(loaded.jobs)
+        sweeps += len(loaded.sweeps)
         problems += loaded.problems
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
         return EXIT_INVALID
-    print(f"{count} FineTuneJob(s) valid")
+    also = f", {sweeps} FineTuneSweep(s) valid" if sweeps else ""
+    print(f"{count} FineTuneJob(s) valid{also}")
     return EXIT_OK
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    sys.stdout.write(crd.crd_yaml())
+    from kubetune import sweep_crd
+
+    sys.stdout.write(sweep_crd.crd_yaml() if args.kind == "FineTuneSweep" else crd.crd_yaml())
     return EXIT_OK
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    sys.stdout.write(crd.api_reference())
+    from kubetune import sweep_crd
+
+    sys.stdout.write(crd.api_reference() + sweep_crd.api_reference())
     return EXIT_OK
 
 
@@ -111,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("crd", help="print the CustomResourceDefinition")
+    p = sub.add_parser("crd", help="print a CustomResourceDefinition")
+    p.add_argument(
+        "kind", nargs="?", default="FineTuneJob", choices=["FineTuneJob", "FineTuneSweep"]
+    )
     p.set_defaults(func=cmd_crd)
 
     p = sub.add_parser("docs", help="print the manifest reference (docs/api.md)")

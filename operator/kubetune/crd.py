@@ -105,7 +105,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out["x-kubernetes-preserve-unknown-fields"] = True
     elif kind == "array":
         out["items"] = _convert(node["items"], defs)
-    elif kind is None:
+    elif kind is None and not out.get("x-kubernetes-preserve-unknown-fields"):
         raise ValueError(f"untyped schema node: {node}")
     return out
 

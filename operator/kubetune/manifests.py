@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune import api, render
+from kubetune import api, render, sweep_api
 from kubetune.settings import DEFAULT_TRAINER_IMAGE
 
 
@@ -44,6 +44,7 @@ class Loaded:
 
     jobs: list[api.FineTuneJob] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    sweeps: list[sweep_api.FineTuneSweep] = field(default_factory=list)
 
 
 def _name_of(document: Any, index: int) -> str:
@@ -65,6 +66,12 @@ def check_documents(documents: list[Any], where: str) -> Loaded:
             result.problems.append(
                 f"{where}: {name}: <document>: expected a mapping, got {type(document).__name__}"
             )
+            continue
+        if document.get("kind") == sweep_api.KIND:
+            try:
+                result.sweeps.append(sweep_api.parse_sweep(document))
+            except sweep_api.SweepInvalid as error:
+                result.problems += [f"{where}: {name}: {line}" for line in error.lines]
             continue
         if document.get("kind") not in (api.KIND, None):
             continue
@@ -94,6 +101,6 @@ def load_file(path: str | Path) -> Loaded:
         problem = getattr(error, "problem", None) or str(error)
         return Loaded(problems=[f"{path}: invalid YAML{where}: {problem}"])
     result = check_documents(documents, str(path))
-    if not result.jobs and not result.problems:
+    if not result.jobs and not result.sweeps and not result.problems:
         result.problems.append(f"{path}: no {api.KIND} found")
     return result

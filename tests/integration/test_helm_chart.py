@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune import crd, k8s, manifests, render, settings
+from kubetune import crd, k8s, manifests, render, settings, sweep_crd
 from tests.support.helm_chart import (
     CHART,
     CI_VALUES,
@@ -224,8 +224,9 @@ def test_chart_crds_are_byte_identical_to_the_generated_crd() -> None:
         assert chart_copy == (ROOT / "crds" / name).read_bytes(), f"run `make generate` ({name})"
     assert (CHART / "crds" / crd.CRD_FILENAME).read_text() == crd.crd_yaml()
     rendered = by_kind(helm_render(include_crds=True), "CustomResourceDefinition")
-    assert [c["metadata"]["name"] for c in rendered] == ["finetunejobs.kubetune.io"]
-    assert rendered[0] == crd.crd()
+    names = [c["metadata"]["name"] for c in rendered]
+    assert names == ["finetunejobs.kubetune.io", "finetunesweeps.kubetune.io"]
+    assert rendered[0] == crd.crd() and rendered[1] == sweep_crd.sweep_crd()
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_examples_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, *map(str, EXAMPLES))
     assert (code, err) == (0, "")
-    assert f"{len(EXAMPLES)} FineTuneJob(s) valid" in out
+    kinds = [yaml.safe_load(p.read_text())["kind"] for p in EXAMPLES]
+    assert f"{kinds.count('FineTuneJob')} FineTuneJob(s) valid" in out
 
 
 def test_broken_manifest_exits_1_with_file_name_and_field_path(

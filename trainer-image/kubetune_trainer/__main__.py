@@ -427,6 +427,11 @@ def final_status(
             etaSeconds=0,
             loss=last.get("loss"),
             evalLoss=evals[-1] if evals else None,
+            evalHistory=[
+                api.EvalPoint(step=h["step"], evalLoss=h["evalLoss"])
+                for h in state.history
+                if "evalLoss" in h
+            ][-api.MAX_EVAL_HISTORY :],
         ),
         metrics=metrics,
         gates=gates,

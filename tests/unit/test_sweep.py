@@ -1,0 +1,166 @@
+"""The study, rebuilt from trial records: deterministic next trials, pruning, best trial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune import api, sweep, sweep_api
+from kubetune.sweep import TrialRecord
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec(**changes: Any) -> sweep_api.FineTuneSweepSpec:
+    document = yaml.safe_load((ROOT / "examples" / "lr-sweep.yaml").read_text())
+    document["spec"].update(changes)
+    return sweep_api.parse_sweep(document).spec
+
+
+def finished(new: sweep.NewTrial, objective: float, curve: dict[int, float]) -> TrialRecord:
+    return TrialRecord(new.number, new.name, new.params, "Succeeded", objective, curve)
+
+
+def test_the_same_trials_give_the_same_next_trials() -> None:
+    s = spec()
+    first = sweep.plan_new_trials(s, "lr", [])
+    assert [t.name for t in first] == ["lr-t000", "lr-t001"]  # parallelism 2
+    assert sweep.plan_new_trials(s, "lr", []) == first
+    assert first[0].params != first[1].params
+    done = [finished(t, 1.0 + t.number, {10: 2.0}) for t in first]
+    second = sweep.plan_new_trials(s, "lr", done)
+    assert second == sweep.plan_new_trials(s, "lr", list(reversed(done)))
+    assert [t.number for t in second] == [2, 3]
+
+
+def test_a_restart_with_one_trial_running_creates_only_the_missing_one() -> None:
+    s = spec()
+    first = sweep.plan_new_trials(s, "lr", [])
+    running = [TrialRecord(first[0].number, first[0].name, first[0].params, "Running")]
+    again = sweep.plan_new_trials(s, "lr", running)
+    assert [t.name for t in again] == ["lr-t001"]  # never t000 twice, never two new ones
+
+
+def test_no_trial_past_max_trials_or_after_too_many_failures() -> None:
+    s = spec(maxTrials=3, parallelism=2, maxFailedTrials=1)
+    records = [
+        TrialRecord(0, "lr-t000", {}, "Succeeded", 1.0),
+        TrialRecord(1, "lr-t001", {}, "Succeeded", 2.0),
+    ]
+    assert [t.number for t in sweep.plan_new_trials(s, "lr", records)] == [2]
+    records.append(TrialRecord(2, "lr-t002", {}, "Failed", message="boom"))
+    assert sweep.plan_new_trials(s, "lr", records) == []
+    assert sweep.is_done(s, records)
+    failed = [TrialRecord(i, f"lr-t00{i}", {}, "Failed") for i in range(2)]
+    assert sweep.failed_too_often(s, failed) and sweep.plan_new_trials(s, "lr", failed) == []
+
+
+def test_grid_walks_every_combination_once() -> None:
+    s = spec(
+        parameters=[
+            {"path": "method.type", "type": "categorical", "choices": ["full", "lora", "qlora"]}
+        ],
+        algorithm={"sampler": "grid"},
+        maxTrials=10,
+        parallelism=1,
+    )
+    assert sweep_api.planned_trials(s) == 3
+    records: list[TrialRecord] = []
+    while new := sweep.plan_new_trials(s, "g", records):
+        records += [finished(t, 1.0, {}) for t in new]
+    assert sorted(r.params["method.type"] for r in records) == ["full", "lora", "qlora"]
+    assert sweep.is_done(s, records)
+
+
+def test_tpe_samples_inside_the_bounds_and_choices() -> None:
+    s = spec(maxTrials=12, parallelism=1)
+    records: list[TrialRecord] = []
+    for _ in range(8):
+        (new,) = sweep.plan_new_trials(s, "lr", records)
+        lr = new.params["training.learningRate"]
+        assert 1e-4 <= lr <= 1e-2 and new.params["method.lora.r"] in (4, 8, 16)
+        records.append(finished(new, abs(lr - 0.002) * 100, {}))  # best near 0.002
+
+
+def test_median_pruning_on_eval_loss_at_the_same_step() -> None:
+    s = spec()
+    done = [
+        TrialRecord(
+            0,
+            "a",
+            {"training.learningRate": 1e-3, "method.lora.r": 4},
+            "Succeeded",
+            1.0,
+            {10: 2.0, 20: 1.0},
+        ),
+        TrialRecord(
+            1,
+            "b",
+            {"training.learningRate": 2e-3, "method.lora.r": 8},
+            "Succeeded",
+            1.2,
+            {10: 2.2, 20: 1.2},
+        ),
+    ]
+    params = {"training.learningRate": 5e-3, "method.lora.r": 16}
+    behind = TrialRecord(2, "c", params, "Running", curve={10: 3.0})
+    ahead = TrialRecord(2, "c", params, "Running", curve={10: 1.5})
+    assert sweep.should_prune(s, done, behind)
+    assert not sweep.should_prune(s, done, ahead)
+    assert not sweep.should_prune(s, done[:1], behind)  # startupTrials: 2 finished needed
+    assert not sweep.should_prune(spec(earlyStopping=None), done, behind)
+
+
+def test_best_trial_follows_the_direction() -> None:
+    records = [
+        TrialRecord(0, "a", {}, "Succeeded", 0.5),
+        TrialRecord(1, "b", {}, "Succeeded", 0.7),
+        TrialRecord(2, "c", {}, "Failed"),
+        TrialRecord(3, "d", {}, "Pruned"),
+    ]
+    assert sweep.best_trial(spec(), records).name == "a"  # type: ignore[union-attr]
+    maximize = spec(objective={"metric": "tuned.exactMatch", "direction": "maximize"})
+    assert sweep.best_trial(maximize, records).name == "b"  # type: ignore[union-attr]
+    assert [r.name for r in sweep.ranked(maximize, records)] == ["b", "a", "c", "d"]
+
+
+def test_record_from_status_reads_the_objective_and_curve() -> None:
+    status = api.FineTuneJobStatus(
+        phase="Succeeded",
+        progress=api.Progress(
+            step=40,
+            evalLoss=1.25,
+            evalHistory=[
+                api.EvalPoint(step=20, evalLoss=1.5),
+                api.EvalPoint(step=40, evalLoss=1.25),
+            ],
+        ),
+        metrics=api.Metrics(tuned={"exactMatch": 0.5}),
+    )
+    record = sweep.record_from_status(0, "lr-t000", {}, status, "evalLoss")
+    assert (record.phase, record.objective, dict(record.curve)) == (
+        "Succeeded",
+        1.25,
+        {20: 1.5, 40: 1.25},
+    )
+    missing = sweep.record_from_status(0, "lr-t000", {}, status, "tuned.rougeL")
+    assert missing.phase == "Failed" and "tuned.rougeL" in (missing.message or "")
+    pruned = sweep.record_from_status(0, "x", {}, status, "evalLoss", pruned=True)
+    assert pruned.phase == "Pruned" and "step 40" in (pruned.message or "")
+
+
+def test_table_lists_the_best_first() -> None:
+    s = spec()
+    records = [
+        TrialRecord(
+            0, "lr-t000", {"training.learningRate": 0.001, "method.lora.r": 4}, "Succeeded", 2.0
+        ),
+        TrialRecord(
+            1, "lr-t001", {"training.learningRate": 0.002, "method.lora.r": 8}, "Succeeded", 1.0
+        ),
+    ]
+    lines = sweep.format_table(s, records).splitlines()
+    assert lines[0].split()[:3] == ["#", "trial", "phase"]
+    assert lines[1].split()[:2] == ["1", "lr-t001"]
