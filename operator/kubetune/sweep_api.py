@@ -11,6 +11,7 @@ are checked by :func:`problems`, which returns one ``spec.field.path: message`` 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import types
@@ -467,7 +468,9 @@ class SweepInvalid(ValueError):
 def parse_sweep(document: Any) -> FineTuneSweep:
     """Validate one FineTuneSweep document; raises SweepInvalid with field-path lines."""
     try:
-        sweep = FineTuneSweep.model_validate(document)
+        # Strict on the JSON form, as api.parse_job and the API server read a manifest.
+        text = json.dumps(document, default=api._plain)
+        sweep = FineTuneSweep.model_validate_json(text, strict=True)
     except ValidationError as error:
         raise SweepInvalid(api.format_errors(error)) from error
     lines = problems(sweep)
