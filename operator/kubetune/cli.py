@@ -104,6 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kubetune_trainer.sweep_local import run_sweep  # torch & co.: only for this command
+
+    return run_sweep(args.file, parallel=args.parallel, output=args.output)
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -152,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics (0: off)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run a FineTuneSweep manifest locally (trials in turn)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--parallel", type=positive_int, default=1, help="trials at the same time (processes)"
+    )
+    p.add_argument(
+        "--output",
+        help="the sweep's folder (default: spec.template.output.destination); trials go to "
+        "<folder>/<sweep>-tNNN; rerunning continues the sweep",
+    )
+    p.set_defaults(func=cmd_sweep)
 
     # Commands that need heavy imports (torch, kopf) import them inside their function.
     return parser

@@ -30,6 +30,7 @@ from kubetune import api
 from kubetune.sweep_api import (
     BestTrial,
     FineTuneSweepSpec,
+    FineTuneSweepStatus,
     ParameterSpec,
     TrialPhase,
     TrialRow,
@@ -429,3 +430,37 @@ def _value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def summarize(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> FineTuneSweepStatus:
+    """The sweep's status from its trials (conditions are the caller's: they need a clock)."""
+    top = best(spec, records)
+    counts = {phase: sum(r.phase == phase for r in records) for phase in FINISHED}
+    running = sum(r.phase in ACTIVE for r in records)
+    failures = [r for r in records if r.phase == "Failed"]
+    if failed_too_often(spec, records):
+        phase = "Failed"
+        why = "; ".join(f"{r.name}: {r.message or 'failed'}" for r in failures[-3:])
+        message = f"{len(failures)} trials failed (maxFailedTrials {spec.maxFailedTrials}): {why}"
+    elif is_done(spec, records):
+        phase = "Succeeded" if top is not None else "Failed"
+        message = (
+            f"{len(records)} trials; best {top.name} {spec.objective.metric}={top.objective:.6g}"
+            if top is not None
+            else f"{len(records)} trials and none reported {spec.objective.metric}"
+        )
+    else:
+        phase = "Running" if records else "Pending"
+        message = f"{len(records)}/{planned_trials(spec)} trials created, {running} running"
+    return FineTuneSweepStatus(
+        phase=phase,  # type: ignore[arg-type]
+        message=message,
+        trialCount=len(records),
+        running=running,
+        succeeded=counts["Succeeded"],
+        failed=counts["Failed"],
+        pruned=counts["Pruned"],
+        bestObjective=top.objective if top is not None else None,
+        best=top,
+        trials=[row(r) for r in sorted(records, key=lambda r: r.number)],
+    )

@@ -16,7 +16,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -353,9 +353,15 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def trial_spec(sweep: FineTuneSweepSpec, params: dict[str, Any]) -> api.FineTuneJobSpec:
-    """The FineTuneJob spec of one trial (raises pydantic.ValidationError)."""
-    return api.FineTuneJobSpec.model_validate(patch(sweep.template.to_api(), params))
+def trial_spec(
+    sweep: FineTuneSweepSpec, params: Mapping[str, Any], name: str | None = None
+) -> api.FineTuneJobSpec:
+    """The FineTuneJob spec of one trial (raises pydantic.ValidationError). With the trial's
+    name, its output goes to <template destination>/<name>, so trials never share a folder."""
+    spec = patch(sweep.template.to_api(), dict(params))
+    if name is not None:
+        spec["output"]["destination"] = spec["output"]["destination"].rstrip("/") + "/" + name
+    return api.FineTuneJobSpec.model_validate(spec)
 
 
 # --------------------------------------------------------------------------------------------
