@@ -12,7 +12,14 @@ import pytest
 
 from kubetune import api
 from kubetune_trainer.errors import InfraError, UserError
-from kubetune_trainer.storage import MANIFEST, MANIFEST_FORMAT, S3Storage, Storage, fetch
+from kubetune_trainer.storage import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    CorruptFolder,
+    S3Storage,
+    Storage,
+    fetch,
+)
 from tests.support import s3 as s3h
 
 OpenStorage = Callable[..., Storage]
@@ -129,6 +136,19 @@ def test_download_checks_the_manifest(open_storage: OpenStorage, tmp_path: Path)
     store.write_bytes("model/adapter_config.json", b'{"r": 9}')  # changed after the commit
     with pytest.raises(InfraError, match=r"adapter_config.json does not match its manifest"):
         store.download_dir("model", tmp_path / "dl")
+
+
+def test_a_same_size_change_is_named_a_sha256_difference(
+    open_storage: OpenStorage, tmp_path: Path
+) -> None:
+    store = open_storage()
+    store.commit_dir(make_folder(tmp_path / "c", FILES), "model")
+    store.write_bytes("model/adapter_config.json", b'{"r": 9}')  # same size, other bytes
+    with pytest.raises(CorruptFolder) as caught:
+        store.download_dir("model", tmp_path / "dl")
+    message = str(caught.value)
+    assert "adapter_config.json does not match its manifest (sha256 " in message
+    assert "differs from the manifest's" in message and "same size, 8 bytes" in message
 
 
 def test_manifest_paths_cannot_escape_the_destination(

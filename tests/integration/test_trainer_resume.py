@@ -3,6 +3,7 @@ it and ends exactly like an uninterrupted run (same optimizer steps, same adapte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -166,3 +167,38 @@ def test_ctrl_c_checkpoints_and_a_signal_after_training_redoes_only_evaluation(
     assert f"resumed from file://{output}/checkpoints/step-6 (step 6/6)" in out
     report = json.loads((output / "report.json").read_text())
     assert [h["step"] for h in report["history"]] == list(range(1, 7))
+
+
+@pytest.mark.timeout(400)
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_newest_that_verifies(
+    tmp_path: Path,
+) -> None:
+    data = tr.write_rows(tmp_path / "rows.jsonl", 96)
+    output = tmp_path / "out"
+    config = tr.write_config(tmp_path / "c.json", tr.config(data, output))
+    code, out = tr.run_trainer(config, tmp_path / "term")
+    assert code == 0, out
+    first = json.loads((output / "report.json").read_text())
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-4", "step-6"]
+
+    # One flipped byte in the newest checkpoint: same size, another sha256.
+    weights = output / "checkpoints" / "step-6" / "trainable.safetensors"
+    corrupted = bytearray(weights.read_bytes())
+    corrupted[-1] ^= 0xFF
+    weights.write_bytes(bytes(corrupted))
+
+    code, out = tr.run_trainer(config, tmp_path / "term")
+    assert code == 0, out
+    step6 = f"file://{output}/checkpoints/step-6"
+    assert f"{step6}: trainable.safetensors does not match its manifest (sha256 " in out
+    assert f"falling back to file://{output}/checkpoints/step-4" in out
+    assert f"resumed from file://{output}/checkpoints/step-4 (step 4/6)" in out
+    report = json.loads((output / "report.json").read_text())
+    assert report["training"]["resumedFrom"].endswith("step-4")
+    assert any("sha256" in note and "skipped and deleted" in note for note in report["notes"])
+    # Steps 5 and 6 were trained again, to the same result; step-6 is whole again.
+    assert [h["step"] for h in report["history"]] == list(range(1, 7))
+    assert report["history"][-1]["loss"] == pytest.approx(first["history"][-1]["loss"], 1e-4)
+    manifest = json.loads((output / "checkpoints" / "step-6" / "manifest.json").read_text())
+    recorded = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert recorded["trainable.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()

@@ -304,6 +304,7 @@ class Trained:
     attention: str
     truncated: dict[str, int]
     parallelism: str  # "none", "ddp" or "fsdp"
+    notes: list[str] = field(default_factory=list)  # for the log's reader: report and summary
 
 
 def train_model(
@@ -349,10 +350,10 @@ def train_model(
     lengths = [len(r.input_ids) for r in train_rows]
     plan = train_stage.make_plan(lengths, spec.training, max_len, world)
     optimizer, scheduler = train_stage.build_optimizer(m.model, spec.training, plan.total_steps)
-    resumed = train_stage.load_checkpoint(output, m.model, optimizer, scheduler)
-    state = resumed[0] if resumed else train_stage.TrainState()
-    if resumed:
-        log(f"  resumed from {resumed[1]} (step {state.step}/{plan.total_steps})")
+    resumed = resume(output, m.model, optimizer, scheduler, world, log)
+    state = resumed.state or train_stage.TrainState()
+    if resumed.uri:
+        log(f"  resumed from {resumed.uri} (step {state.step}/{plan.total_steps})")
     log(
         f"  {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), packing "
         f"{spec.training.packing}, attention {attention}, "
@@ -395,8 +396,30 @@ def train_model(
         dist.barrier()
         dist.destroy_process_group()
     truncated = {"train": train_cut, "validation": val_cut}
-    resumed_from = resumed[1] if resumed else None
-    return Trained(state, plan, resumed_from, attention, truncated, parallelism)
+    notes = [f"{why}: skipped and deleted" for _, why in resumed.corrupt]
+    return Trained(state, plan, resumed.uri, attention, truncated, parallelism, notes)
+
+
+def resume(
+    output: Any, model: Any, optimizer: Any, scheduler: Any, world: Any, log: Log
+) -> Any:  # train.Resumed
+    """The newest checkpoint that verifies. Newer corrupted ones are deleted (rank 0, once
+    every rank has loaded): left in place they would stay "newest", so checkpoint rotation
+    would delete the new checkpoints instead of them."""
+    from . import train as train_stage
+
+    resumed = train_stage.load_checkpoint(output, model, optimizer, scheduler)
+    for _, why in resumed.corrupt:
+        fallback = resumed.uri or "step 0 (no checkpoint verifies)"
+        log(f"  {why}: falling back to {fallback}")
+    if resumed.corrupt and world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if resumed.corrupt and world.main:
+        for rel, _ in resumed.corrupt:
+            output.delete(rel)
+    return resumed
 
 
 def final_status(
@@ -513,7 +536,8 @@ def build_report(
         "history": state.history,
         "metrics": status.metrics.to_api() if status.metrics else {},
         "gates": [g.to_api() for g in status.gates],
-        "evaluationNotes": notes,
+        "notes": trained.notes,  # training: corrupted checkpoints skipped, truncation
+        "evaluationNotes": [n for n in notes if n not in trained.notes],
         "artifacts": status.artifacts.to_api() if status.artifacts else {},
         "packages": report_stage.package_versions(),
         "timings": timings,
@@ -612,9 +636,10 @@ def run_stages(
         if not world.main:
             return Result(api.FineTuneJobStatus(phase="Succeeded"), {}, [])  # rank 0 reports
         with timer.stage("evaluate", log):
-            metrics, gates, notes = evaluate(
+            metrics, gates, eval_notes = evaluate(
                 config, options, m.model, m.tokenizer, data.splits.test, m.device, m.base_before
             )
+            notes = trained.notes + eval_notes
         with timer.stage("export", log):
             artifacts = export(m.model, m.tokenizer, spec, output, m.model_dir)
             artifacts.report = output.uri_for("report.json")

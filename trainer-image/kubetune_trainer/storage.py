@@ -134,16 +134,32 @@ def build_manifest(src: Path) -> dict[str, Any]:
     }
 
 
+class CorruptFolder(InfraError):
+    """A committed folder whose files differ from its manifest (changed or corrupted after
+    the commit). Retried by default; a reader with an older copy (checkpoints) falls back."""
+
+
 def _check_against_manifest(dest: Path, manifest: dict[str, Any], uri: str, field: str) -> None:
     """A downloaded folder must match its manifest byte for byte (size and sha256)."""
+    where = f"{field}: " if field else ""
     for entry in manifest.get("files", []):
         path = dest / _clean_rel(str(entry["path"]))
         size = path.stat().st_size if path.exists() else -1
-        if size != int(entry["size"]) or sha256_file(path) != entry["sha256"]:
-            raise InfraError(
-                f"{field}: {uri}: {entry['path']} does not match its manifest (size {size}, "
-                f"expected {entry['size']}): the object changed or the download was corrupted"
+        if size != int(entry["size"]):
+            found = "missing" if size < 0 else f"size {size}"
+            problem = f"{found}, the manifest says size {entry['size']}"
+        else:
+            digest = sha256_file(path)
+            if digest == entry["sha256"]:
+                continue
+            problem = (
+                f"sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}... "
+                f"(same size, {size} bytes)"
             )
+        raise CorruptFolder(
+            f"{where}{uri}: {entry['path']} does not match its manifest ({problem}): the object "
+            "changed or the download was corrupted"
+        )
 
 
 def _umask() -> int:

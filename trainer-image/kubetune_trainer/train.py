@@ -321,64 +321,90 @@ def _tupled(value: Any) -> Any:
     return value
 
 
+@dataclass
+class Resumed:
+    state: TrainState | None  # None: start from step 0
+    uri: str | None  # the checkpoint restored
+    corrupt: list[tuple[str, str]]  # (key, why) of newer checkpoints that failed verification
+
+
 def load_checkpoint(
     storage: Any,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-) -> tuple[TrainState, str] | None:
-    """Restore the newest committed checkpoint; None when there is none."""
+) -> Resumed:
+    """Restore the newest committed checkpoint that matches its manifest (size and sha256 of
+    every file). A corrupted one must not block the job forever: it is skipped (and listed in
+    ``corrupt``) for the next older one."""
+    from .storage import CorruptFolder
+
+    corrupt: list[tuple[str, str]] = []
+    for rel in reversed(storage.committed(CHECKPOINTS)):
+        with tempfile.TemporaryDirectory(prefix="kubetune-resume-") as tmp:
+            try:
+                folder = storage.download_dir(rel, Path(tmp))
+            except CorruptFolder as exc:
+                corrupt.append((rel, str(exc)))
+                continue
+            state = _restore(folder, storage.uri_for(rel), model, optimizer, scheduler)
+        return Resumed(state, storage.uri_for(rel), corrupt)
+    return Resumed(None, None, corrupt)
+
+
+def _restore(
+    folder: Path,
+    uri: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> TrainState:
+    """Load a verified checkpoint folder into the model, optimizer, scheduler and RNGs."""
     from safetensors.torch import load_file
 
-    committed = storage.committed(CHECKPOINTS)
-    if not committed:
-        return None
-    newest = committed[-1]
-    with tempfile.TemporaryDirectory(prefix="kubetune-resume-") as tmp:
-        folder = storage.download_dir(newest, Path(tmp))
-        tensors = load_file(str(folder / "trainable.safetensors"))
-        params = trainable_parameters(model)
-        mismatched = sorted(
-            name
-            for name, p in params.items()
-            if name not in tensors or tuple(tensors[name].shape) != tuple(p.shape)
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    params = trainable_parameters(model)
+    mismatched = sorted(
+        name
+        for name, p in params.items()
+        if name not in tensors or tuple(tensors[name].shape) != tuple(p.shape)
+    )
+    if mismatched:
+        from .errors import UserError
+
+        raise UserError(
+            f"spec.output.destination: checkpoint {uri} does not match the model "
+            f"({', '.join(mismatched[:3])} missing or of another shape): it was written "
+            "by a different job; use a new output destination"
         )
-        if mismatched:
-            from .errors import UserError
+    optim = torch.load(folder / "optimizer.pt", weights_only=True)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-            raise UserError(
-                f"spec.output.destination: checkpoint {newest} does not match the model "
-                f"({', '.join(mismatched[:3])} missing or of another shape): it was written "
-                "by a different job; use a new output destination"
-            )
-        optim = torch.load(folder / "optimizer.pt", weights_only=True)
-        if is_sharded(model):
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            # Every rank read the full tensors; each keeps its own shard. Not strict: a tied
-            # head is stored once (under the embedding's name), and the check above already
-            # proved every parameter is there.
-            full = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(model, dict(tensors), options=full)
-            named = _by_name(optim, model, optimizer)
-            set_optimizer_state_dict(model, optimizer, named, options=full)
-        else:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(tensors[name].to(p.device, p.dtype))
-            optimizer.load_state_dict(optim)
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        record = json.loads((folder / "state.json").read_text())
+        # Every rank read the full tensors; each keeps its own shard. Not strict: a tied
+        # head is stored once (under the embedding's name), and the check above already
+        # proved every parameter is there.
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, dict(tensors), options=full)
+        named = _by_name(optim, model, optimizer)
+        set_optimizer_state_dict(model, optimizer, named, options=full)
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(optim)
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng = torch.load(folder / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    record = json.loads((folder / "state.json").read_text())
     random.setstate(_tupled(record.pop("python_rng")))
-    return TrainState(**record), storage.uri_for(newest)
+    return TrainState(**record)
 
 
 def _by_name(
