@@ -324,7 +324,7 @@ def train_model(
     export."""
     from . import model as model_stage
     from . import train as train_stage
-    from .data import encode_all
+    from .data import check_truncation, encode_all
 
     spec = config.spec
     max_len = spec.dataset.maxSeqLength
@@ -332,6 +332,9 @@ def train_model(
         splits.train, m.tokenizer, max_len, train_on_prompt=spec.dataset.trainOnPrompt
     )
     val_rows, val_cut = encode_all(splits.validation, m.tokenizer, max_len)
+    notes = check_truncation(train_rows, max_len)  # refuses when no answer survives whole
+    for note in notes:
+        log(f"  warning: {note}")
     attention = model_stage.attention_for(m.device) if spec.training.packing else "sdpa"
     model_stage.set_attention(m.model, attention)
     wrapped, parallelism = m.model, "none"
@@ -396,7 +399,7 @@ def train_model(
         dist.barrier()
         dist.destroy_process_group()
     truncated = {"train": train_cut, "validation": val_cut}
-    notes = [f"{why}: skipped and deleted" for _, why in resumed.corrupt]
+    notes += [f"{why}: skipped and deleted" for _, why in resumed.corrupt]
     return Trained(state, plan, resumed.uri, attention, truncated, parallelism, notes)
 
 

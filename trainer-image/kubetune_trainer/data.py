@@ -542,6 +542,8 @@ class Encoded:
     # How many of input_ids come before the LAST answer: the prompt_ids() layout. In a
     # multi-turn chat this part holds the earlier answers too, and they are labelled.
     prompt_len: int = 0
+    answer_cut: bool = False  # truncation cut the last answer's end (and its EOS)
+    full_length: int = 0  # tokens before truncation
 
 
 @dataclass
@@ -695,7 +697,9 @@ def encode(
     so a truncated example always trains on its last answer's head."""
     layout = _layout(example, tokenizer)
     prompt, answers, completion = layout.prompt, layout.answers, layout.completion
-    truncated = len(prompt) + len(completion) > max_len
+    full_length = len(prompt) + len(completion)
+    truncated = full_length > max_len
+    answer_len = len(completion)
     if truncated:
         completion_len = min(len(completion), max(max_len - len(prompt), max_len // 2))
         completion = completion[:completion_len]
@@ -705,7 +709,14 @@ def encode(
         token if train_on_prompt or is_answer else IGNORE_INDEX
         for token, is_answer in zip(prompt, answers, strict=True)
     ]
-    return Encoded(prompt + completion, labels + completion, truncated, len(prompt))
+    return Encoded(
+        prompt + completion,
+        labels + completion,
+        truncated,
+        len(prompt),
+        answer_cut=len(completion) < answer_len,
+        full_length=full_length,
+    )
 
 
 def prompt_ids(example: Example, tokenizer: Any, max_len: int) -> list[int]:
@@ -724,6 +735,37 @@ def encode_all(
     return encoded, sum(e.truncated for e in encoded)
 
 
+# Above this share of truncated training rows the run warns (log and report notes).
+TRUNCATION_WARNING = 0.05
+
+
+def check_truncation(encoded: list[Encoded], max_len: int) -> list[str]:
+    """Warnings about the training split's truncation; UserError when training would be
+    pointless: no target token left at all, or no answer left whole (the model would never
+    see where an answer ends)."""
+    if not encoded:
+        return []
+    rows, cut = len(encoded), sum(e.truncated for e in encoded)
+    answers_cut = sum(e.answer_cut for e in encoded)
+    longest = max(e.full_length for e in encoded)
+    where = f"spec.dataset.maxSeqLength: {max_len} tokens"
+    advice = f"the longest row has {longest} tokens: raise maxSeqLength or shorten the rows"
+    if not any(label != IGNORE_INDEX for e in encoded for label in e.labels[1:]):
+        raise UserError(f"{where} leave no answer token to train on in any row; {advice}")
+    if answers_cut == rows:
+        raise UserError(
+            f"{where} cut the answer of every one of the {rows} training rows, so the model "
+            f"would never learn where an answer ends; {advice}"
+        )
+    if cut / rows <= TRUNCATION_WARNING:
+        return []
+    return [
+        f"spec.dataset.maxSeqLength: {cut} of {rows} training rows ({cut / rows:.0%}) are "
+        f"longer than {max_len} tokens and were truncated, {answers_cut} of them losing the "
+        f"end of their answer; {advice}"
+    ]
+
+
 __all__ = [
     "DEFAULT_GENERATION_PROMPT",
     "DEFAULT_TEMPLATE",
@@ -734,6 +776,7 @@ __all__ = [
     "Example",
     "Splits",
     "check_license",
+    "check_truncation",
     "encode",
     "encode_all",
     "load_dataset",
