@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -202,3 +203,52 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_newest_that_verifies(
     manifest = json.loads((output / "checkpoints" / "step-6" / "manifest.json").read_text())
     recorded = {f["path"]: f["sha256"] for f in manifest["files"]}
     assert recorded["trainable.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_runs_litter_is_gone_after_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a SIGKILL during a checkpoint leaves - a temp file inside a committed checkpoint, a
+    checkpoint folder without its manifest, the run's scratch folder - the next run removes,
+    and it leaves nothing of its own. A live run's scratch folder stays."""
+    import fcntl
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    data = tr.write_rows(tmp_path / "rows.jsonl", 96)
+    output = tmp_path / "out"
+    code, out = tr.run_trainer(
+        tr.write_config(tmp_path / "a.json", tr.config(data, output)), tmp_path / "term"
+    )
+    assert code == 0, out
+    assert list(temp.glob("kubetune-*")) == []  # a finished run leaves no scratch
+
+    checkpoints = output / "checkpoints"
+    shutil.rmtree(checkpoints / "step-6")  # killed after step 4 ...
+    (checkpoints / "step-4" / ".kubetune-tmp-k1x2").write_bytes(b"half a file")
+    (checkpoints / "step-6").mkdir()  # ... while writing step 6
+    (checkpoints / "step-6" / "trainable.safetensors").write_bytes(b"part")
+    (checkpoints / "step-6" / ".kubetune-tmp-q9z8").write_bytes(b"part")
+    (checkpoints / "step-8").mkdir()
+    (checkpoints / "step-8" / ".kubetune-tmp-a1b2").write_bytes(b"")
+    dead = temp / "kubetune-run-dead"
+    (dead / "model").mkdir(parents=True)
+    (dead / "model" / "model.safetensors").write_bytes(b"downloaded weights")
+    (dead / ".lock").touch()
+    alive = temp / "kubetune-run-alive"
+    alive.mkdir()
+    with (alive / ".lock").open("wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # keepCheckpoints 1: committing step-6 rotates step-4 (with its temp file) away.
+        again = tr.config(data, output, keepCheckpoints=1)
+        code, out = tr.run_trainer(tr.write_config(tmp_path / "b.json", again), tmp_path / "t")
+        assert code == 0, out
+        assert (alive / ".lock").exists()
+
+    assert "removed 2 uncommitted checkpoint folder(s)" in out
+    assert f"resumed from file://{checkpoints}/step-4 (step 4/6)" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-6"]
+    assert not list(output.rglob(".kubetune-tmp-*"))
+    assert [p.name for p in temp.glob("kubetune-*")] == ["kubetune-run-alive"]

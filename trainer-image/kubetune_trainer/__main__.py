@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -40,7 +38,7 @@ class Options:
     termination_log: str | None = api.TERMINATION_LOG
     progress: Callable[[dict[str, Any]], None] | None = None
     log: Log = field(default=lambda line: print(line, flush=True))
-    workdir: Path | None = None  # scratch space (downloads); a temp folder by default
+    workdir: Path | None = None  # scratch space (downloads, staging); scratch.py by default
 
 
 @dataclass
@@ -318,6 +316,7 @@ def train_model(
     log: Log,
     prints: dict[str, Any] | None = None,
     interrupts: Any = None,
+    workdir: Path | None = None,
 ) -> Trained:
     """Encode, plan, restore the newest checkpoint, run the loop; leaves m.model unwrapped
     (on rank 0: unsharded), in eval mode and on plain sdpa attention for evaluation and
@@ -353,7 +352,7 @@ def train_model(
     lengths = [len(r.input_ids) for r in train_rows]
     plan = train_stage.make_plan(lengths, spec.training, max_len, world)
     optimizer, scheduler = train_stage.build_optimizer(m.model, spec.training, plan.total_steps)
-    resumed = resume(output, m.model, optimizer, scheduler, world, log)
+    resumed = resume(output, m.model, optimizer, scheduler, world, log, workdir)
     state = resumed.state or train_stage.TrainState()
     if resumed.uri:
         log(f"  resumed from {resumed.uri} (step {state.step}/{plan.total_steps})")
@@ -375,6 +374,7 @@ def train_model(
         storage=output,
         collate_mode="flat" if spec.training.packing else "padded",
         fingerprint=prints,
+        scratch=workdir,
     )
     state = train_stage.train(
         setup,
@@ -404,14 +404,25 @@ def train_model(
 
 
 def resume(
-    output: Any, model: Any, optimizer: Any, scheduler: Any, world: Any, log: Log
+    output: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    world: Any,
+    log: Log,
+    workdir: Path | None,
 ) -> Any:  # train.Resumed
     """The newest checkpoint that verifies. Newer corrupted ones are deleted (rank 0, once
     every rank has loaded): left in place they would stay "newest", so checkpoint rotation
-    would delete the new checkpoints instead of them."""
+    would delete the new checkpoints instead of them. Checkpoint folders a killed run left
+    uncommitted (no manifest) are removed first: nothing else would ever delete them."""
     from . import train as train_stage
 
-    resumed = train_stage.load_checkpoint(output, model, optimizer, scheduler)
+    if world.main:
+        swept = output.sweep_uncommitted(train_stage.CHECKPOINTS)
+        if swept:
+            log(f"  removed {len(swept)} uncommitted checkpoint folder(s): {', '.join(swept)}")
+    resumed = train_stage.load_checkpoint(output, model, optimizer, scheduler, scratch=workdir)
     for _, why in resumed.corrupt:
         fallback = resumed.uri or "step 0 (no checkpoint verifies)"
         log(f"  {why}: falling back to {fallback}")
@@ -564,12 +575,15 @@ def write_report(output: Any, workdir: Path, report: dict[str, Any]) -> None:
 def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
     """The whole run under one SIGTERM/SIGINT handler: a signal anywhere exits 12 with a
     message saying what a rerun redoes (interrupts.py)."""
+    from . import scratch
     from .interrupts import Interrupted, Interrupts
 
+    options = options or Options()
     timer, committed = Timer(), Committed()
     with Interrupts().installed() as interrupts:
         try:
-            return run_stages(config, options or Options(), timer, interrupts, committed)
+            with scratch.workdir(options.workdir) as workdir:
+                return run_stages(config, options, workdir, timer, interrupts, committed)
         except Interrupted as stop:
             raise Preempted(
                 interrupted_message(stop.signal_name, timer.current, committed)
@@ -599,6 +613,7 @@ def interrupted_message(signal_name: str, stage: str, committed: Committed) -> s
 def run_stages(
     config: api.TrainerConfig,
     options: Options,
+    workdir: Path,
     timer: Timer,
     interrupts: Any,
     committed: Committed,
@@ -610,7 +625,6 @@ def run_stages(
     spec = config.spec
     world = init_distributed()
     log: Log = options.log if world.main else (lambda line: None)
-    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="kubetune-"))
     telemetry = Telemetry(options.metrics_port if world.main else 0)
     output = Storage.open(
         spec.output.destination,
@@ -633,7 +647,17 @@ def run_stages(
             log(f"  {m.total:,} parameters, {m.trainable:,} trainable ({spec.method.type})")
         with timer.stage("train", log):
             trained = train_model(
-                config, options, m, data.splits, world, output, telemetry, log, prints, interrupts
+                config,
+                options,
+                m,
+                data.splits,
+                world,
+                output,
+                telemetry,
+                log,
+                prints,
+                interrupts,
+                workdir,
             )
             committed.trained_steps = trained.state.step
         if not world.main:
@@ -656,8 +680,6 @@ def run_stages(
         return Result(status, report, notes)
     finally:
         telemetry.close()
-        if options.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -343,6 +343,25 @@ class Storage:
                 found.append(_join(base, parts[0]))
         return sorted(found, key=_natural_key)
 
+    def uncommitted(self, rel_prefix: str) -> Keys:
+        """Subfolders of rel_prefix without a manifest: what a writer killed mid-commit left."""
+        base = _clean_rel(rel_prefix)
+        prefix = base + "/" if base else ""
+        folders = {
+            _join(base, key[len(prefix) :].split("/")[0])
+            for key in self.list(prefix)
+            if "/" in key[len(prefix) :]
+        }
+        return sorted(folders - set(self.committed(rel_prefix)), key=_natural_key)
+
+    def sweep_uncommitted(self, rel_prefix: str) -> Keys:
+        """Delete the uncommitted subfolders of rel_prefix (call it only as the one writer:
+        a folder being committed has no manifest yet either). Returns their URIs."""
+        swept = self.uncommitted(rel_prefix)
+        for rel in swept:
+            self.delete(rel)
+        return [self.uri_for(rel) for rel in swept]
+
     def delete(self, rel: str) -> None:
         """Delete a folder (its manifest FIRST, so it stops existing before it is partial) or a
         single object. Missing: nothing to do."""
@@ -441,6 +460,31 @@ class LocalStorage(Storage):
     def _put_file(self, src: Path, rel: str) -> None:
         with self._errors("writing", rel):
             _atomic_copy(src, self.path(rel))
+
+    def uncommitted(self, rel_prefix: str) -> Keys:
+        # A folder may hold nothing but a killed writer's hidden temp files, which list() skips.
+        base = _clean_rel(rel_prefix)
+        folder = self.path(base)
+        found = set(super().uncommitted(rel_prefix))
+        if folder.is_dir():
+            found |= {_join(base, d.name) for d in folder.iterdir() if d.is_dir()}
+        return sorted(found - set(self.committed(rel_prefix)), key=_natural_key)
+
+    def delete(self, rel: str) -> None:
+        super().delete(rel)
+        folder = self.path(rel)
+        if _clean_rel(rel) and folder.is_dir():
+            # What is left are temp files of a writer killed mid-copy (list() skips them):
+            # nobody else will ever remove them.
+            with self._errors("deleting", rel):
+                for path in sorted(folder.rglob(_TMP_PREFIX + "*"), reverse=True):
+                    path.unlink(missing_ok=True)
+                for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+                    if path.is_dir():
+                        with contextlib.suppress(OSError):
+                            path.rmdir()
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def _delete_keys(self, rels: Keys) -> None:
         with self._errors("deleting", rels[0] if rels else ""):

@@ -277,6 +277,7 @@ def save_checkpoint(
     *,
     gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
     prints: dict[str, Any] | None = None,
+    scratch: Path | None = None,
 ) -> str:
     """Write the checkpoint locally, commit it (manifest last), then prune old ones. A sharded
     model passes its `gathered` checkpoint_state (rank 0 alone writes)."""
@@ -286,7 +287,8 @@ def save_checkpoint(
         gathered = checkpoint_state(model, optimizer, main=True)
         assert gathered is not None
     tensors, optim = gathered
-    with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
+    # Staged in the run's scratch folder, which the next run removes if this one is killed.
+    with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-", dir=scratch) as tmp:
         folder = Path(tmp)
         save_file(
             {k: v.detach().contiguous() for k, v in tensors.items()},
@@ -333,6 +335,8 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    *,
+    scratch: Path | None = None,
 ) -> Resumed:
     """Restore the newest committed checkpoint that matches its manifest (size and sha256 of
     every file). A corrupted one must not block the job forever: it is skipped (and listed in
@@ -341,7 +345,7 @@ def load_checkpoint(
 
     corrupt: list[tuple[str, str]] = []
     for rel in reversed(storage.committed(CHECKPOINTS)):
-        with tempfile.TemporaryDirectory(prefix="kubetune-resume-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="kubetune-resume-", dir=scratch) as tmp:
             try:
                 folder = storage.download_dir(rel, Path(tmp))
             except CorruptFolder as exc:
@@ -444,6 +448,7 @@ class Setup:
     storage: Any = None  # checkpoint storage; only rank 0 writes
     collate_mode: str = "flat"
     fingerprint: dict[str, Any] | None = None  # written with every checkpoint
+    scratch: Path | None = None  # where checkpoints are staged (default: the temp dir)
 
 
 def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -659,6 +664,7 @@ def _checkpoint(
         setup.spec.keepCheckpoints,
         gathered=gathered,
         prints=setup.fingerprint,
+        scratch=setup.scratch,
     )
 
 
