@@ -59,5 +59,9 @@ chart: ## lint and package the Helm chart into dist/
 	$(HELM) package helm/kubetune --version $(VERSION) --app-version $(VERSION) -d dist
 
 .PHONY: test
-test: ## the README's test command
-	$(PYTHON) -m pytest tests/unit tests/integration tests/e2e -q
+test: ## the README's full test command (what CI runs)
+	$(PYTHON) -m pytest tests/unit tests/integration tests/e2e -n auto --dist loadfile -q
+
+.PHONY: test-fast
+test-fast: ## the fast tier: every test not marked slow
+	$(PYTHON) -m pytest -m "not slow" -n auto --dist loadfile -q

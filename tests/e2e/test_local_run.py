@@ -46,6 +46,7 @@ def _manifest(folder: Path, **spec_changes: object) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kubetune_run_trains_and_reports(tmp_path: Path) -> None:
     folder = tmp_path / "job"

@@ -61,6 +61,7 @@ def train(model: Any, tokenizer: Any, steps: int, rows: list[Example] | None = N
         optimizer.zero_grad()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_tuned_model_beats_base_on_held_out_rows(model_dir: Path) -> None:
     model, tokenizer = load(model_dir)
@@ -201,6 +202,7 @@ def train_constant_answer(model: Any, tokenizer: Any, answer: str) -> None:
     train(model, tokenizer, steps=40, rows=rows)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_refusal_rate_of_a_model_taught_to_refuse(model_dir: Path, tmp_path: Path) -> None:
     model, tokenizer = load(model_dir)

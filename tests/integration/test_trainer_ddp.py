@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tests.support import trainer_runs as tr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_two_processes_train_and_resume(tmp_path: Path) -> None:
     data = tr.write_rows(tmp_path / "rows.jsonl", 120)

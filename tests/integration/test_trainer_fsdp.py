@@ -33,6 +33,7 @@ def _weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_full_fine_tune_is_sharded_resumes_and_matches_one_process(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM

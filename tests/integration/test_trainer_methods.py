@@ -80,6 +80,7 @@ def _aligned_model(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_and_merges(tmp_path: Path, bits: int) -> None:

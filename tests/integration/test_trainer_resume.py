@@ -25,6 +25,7 @@ def _adapter(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_then_restart_matches_uninterrupted_run(tmp_path: Path) -> None:
     data = tr.write_rows(tmp_path / "rows.jsonl", 160)

@@ -110,7 +110,7 @@ def test_annotations_over_256_kib_are_refused(
 ) -> None:
     path = tmp_path / "job.yaml"
     document = minimal()
-    document["metadata"]["annotations"] = {"example.com/notes": "x" * (5 * 1024 * 1024)}
+    document["metadata"]["annotations"] = {"example.com/notes": "x" * (300 * 1024)}
     path.write_text(yaml.safe_dump(document))
     code, _, err = run(capsys, str(path))
     assert code == 1
@@ -127,7 +127,8 @@ def test_a_spec_whose_configmap_exceeds_1_mib_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "job.yaml"
-    selector = {f"example.com/label-{i}": "v" * 60 for i in range(15_000)}
+    # Within the CRD's limits (nodeSelector has no maxProperties), too big for a ConfigMap.
+    selector = {f"example.com/{i:04}-" + "k" * 290: "v" * 63 for i in range(3_000)}
     path.write_text(yaml.safe_dump(with_spec(resources__nodeSelector=selector)))
     code, _, err = run(capsys, str(path))
     assert code == 1

@@ -259,7 +259,8 @@ def test_the_operator_refuses_a_spec_whose_configmap_the_api_server_would_refuse
     operator = Operator(Settings())
     assert operator.problems(api.parse_job(data)) == []
     # Within the CRD's limits (nodeSelector has no maxProperties) but too big for a ConfigMap.
-    data["spec"]["resources"]["nodeSelector"] = {f"k{i}": "v" * 63 for i in range(16_000)}
+    selector = {f"{i:04}" + "k" * 300: "v" * 63 for i in range(3_000)}
+    data["spec"]["resources"]["nodeSelector"] = selector
     (problem,) = operator.problems(api.parse_job(data))
     assert problem.startswith("spec: the trainer's ConfigMap would be ")
     assert problem.endswith("limit of 1048576 bytes (1 MiB); the largest part is spec.resources")
