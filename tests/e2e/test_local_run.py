@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from kubetune import api
+from tests.support import manifests
 from tests.support import trainer_runs as tr
 
 
@@ -36,13 +37,7 @@ def _manifest(folder: Path, **spec_changes: object) -> Path:
     spec["evaluation"]["gates"] = [{"metric": "delta.loss", "op": "<", "value": 0}]
     spec.update(spec_changes)
     path = folder / "job.yaml"
-    document = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": "local"},
-        "spec": spec,
-    }
-    path.write_text(yaml.safe_dump(document))
+    path.write_text(yaml.safe_dump(manifests.document(spec, name="local")))
     return path
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import manifests
 from tests.support import s3 as s3_support
 from tests.support.crd_schema import schema_errors
 from tests.support.operator_harness import ROOT, Cluster, wait_for
@@ -70,45 +71,40 @@ def cluster(tmp_path: Path, s3_server: str) -> Iterator[Cluster]:
 
 
 def manifest(name: str, bucket: str, endpoint: str, **training: Any) -> str:
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "model": {"source": f"s3://{bucket}/model"},
-            "dataset": {
-                "source": f"s3://{bucket}/data/{training.pop('data', 'train.jsonl')}",
-                "format": "alpaca",
-                "license": {"name": "CC0-1.0", "usage": "research"},
-                "maxSeqLength": 96,
-            },
-            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-            "training": {
-                "maxSteps": 4,
-                "batchSize": 8,
-                "evalEverySteps": 2,
-                "checkpointEverySteps": 2,
-                **training,
-            },
-            "evaluation": {
-                "maxSamples": 4,
-                "maxNewTokens": 2,
-                "metrics": ["loss"],
-                "gates": [{"metric": "tuned.loss", "op": "<", "value": 100}],
-            },
-            "output": {"destination": f"s3://{bucket}/runs/{name}"},
-            "storage": {
-                "s3": {
-                    "endpoint": endpoint,
-                    "region": "us-east-1",
-                    "credentialsSecret": "s3-credentials",
-                }
-            },
-            "resources": {"gpus": 0},
-            "runPolicy": {"backoffLimit": 2},
+    spec = {
+        "model": {"source": f"s3://{bucket}/model"},
+        "dataset": {
+            "source": f"s3://{bucket}/data/{training.pop('data', 'train.jsonl')}",
+            "format": "alpaca",
+            "license": {"name": "CC0-1.0", "usage": "research"},
+            "maxSeqLength": 96,
         },
+        "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "training": {
+            "maxSteps": 4,
+            "batchSize": 8,
+            "evalEverySteps": 2,
+            "checkpointEverySteps": 2,
+            **training,
+        },
+        "evaluation": {
+            "maxSamples": 4,
+            "maxNewTokens": 2,
+            "metrics": ["loss"],
+            "gates": [{"metric": "tuned.loss", "op": "<", "value": 100}],
+        },
+        "output": {"destination": f"s3://{bucket}/runs/{name}"},
+        "storage": {
+            "s3": {
+                "endpoint": endpoint,
+                "region": "us-east-1",
+                "credentialsSecret": "s3-credentials",
+            }
+        },
+        "resources": {"gpus": 0},
+        "runPolicy": {"backoffLimit": 2},
     }
-    return yaml.safe_dump(doc)
+    return yaml.safe_dump(manifests.document(spec, name=name, namespace="default"))
 
 
 def keys(endpoint: str, bucket: str, prefix: str) -> list[str]:

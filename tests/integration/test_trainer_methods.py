@@ -62,22 +62,12 @@ def test_full_fine_tune_exports_a_model(tmp_path: Path) -> None:
 def _aligned_model(folder: Path) -> Path:
     """The demo tokenizer on a random Llama whose widths are multiples of 64: bitsandbytes'
     4-bit CPU inference kernel needs that (the demo model's MLP is 352 wide)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from tests.support.tiny_model import save_tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(tr.DEMO_MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tokenizer, hidden_size=128, intermediate_size=384)
 
 
 @pytest.mark.slow

@@ -13,12 +13,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
 from kubetune_trainer.data import Example
+from tests.support.tiny_model import save_tiny_llama
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -77,25 +76,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_causal_lm(folder: Path, seed: int = 0) -> Path:
-    """A randomly initialized tiny Llama plus tokenizer, saved like a hub model folder."""
+    """A randomly initialized tiny Llama plus this module's tokenizer."""
     tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    return save_tiny_llama(
+        folder,
+        tokenizer,
+        seed=seed,
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def save_classifier(folder: Path, *, labels: list[str], toxic_bias: float) -> Path:
