@@ -249,3 +249,45 @@ def test_local_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int) ->
     assert len(files) == 1 + (len(FILES) + 1) + len(FILES)  # report, folder + manifest, copy
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in files}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def _errno_table() -> dict[str, int]:
+    """errno name -> exit code, as docs/storage.md documents it."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "storage.md").read_text()
+    table = text.split("| errno | exit | message hint |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:] if line.startswith("| E")]
+    return {name.strip(): int(code) for name, code in rows}
+
+
+def test_the_documented_errno_table_is_the_code() -> None:
+    import errno
+
+    from kubetune_trainer.storage import ERRNO_EXIT
+
+    assert _errno_table() == {errno.errorcode[e]: code for e, (code, _) in ERRNO_EXIT.items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "exit_code", "shown"),
+    [
+        ("EROFS", api.EXIT_USER_ERROR, "Read-only file system (EROFS): mount the volume"),
+        ("ENOSPC", api.EXIT_USER_ERROR, "No space left on device (ENOSPC): free space"),
+        ("EACCES", api.EXIT_USER_ERROR, "Permission denied (EACCES): give the trainer's user"),
+        ("EIO", api.EXIT_INFRA_ERROR, "Input/output error (EIO): an I/O error"),
+        ("ESTALE", api.EXIT_INFRA_ERROR, "(ESTALE): a stale network file handle: retried"),
+    ],
+)
+def test_local_disk_errors_exit_by_errno(
+    tmp_path: Path, name: str, exit_code: int, shown: str
+) -> None:
+    import errno
+
+    store = Storage.open(str(tmp_path), field="spec.output.destination")
+    number = getattr(errno, name)
+    with pytest.raises((UserError, InfraError)) as caught, store._errors("writing", "report.json"):
+        raise OSError(number, os.strerror(number))
+    assert caught.value.exit_code == exit_code
+    assert str(caught.value).startswith(
+        f"spec.output.destination: writing {tmp_path}/report.json: "
+    )
+    assert shown in str(caught.value)

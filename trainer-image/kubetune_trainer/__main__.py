@@ -721,20 +721,26 @@ def run_and_report(job: Callable[[], Result], options: Options) -> int:
     try:
         result = job()
     except TrainerError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        status = report.failure_status(str(exc), preempted=isinstance(exc, Preempted))
-        report.write_termination(report.termination_message(status), options.termination_log)
-        return exc.exit_code
+        return fail(exc, options)
+    except OSError as exc:  # a local file outside Storage (scratch, staging): by errno
+        from .storage import os_error
+
+        return fail(os_error(exc, str(exc.filename or "a local file")), options)
     except Exception as exc:  # unexpected: infrastructure until proven otherwise (retried)
         traceback.print_exc()
-        error = InfraError(f"internal error: {type(exc).__name__}: {exc}")
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        report.write_termination(
-            report.termination_message(report.failure_status(str(error))), options.termination_log
-        )
-        return error.exit_code
+        return fail(InfraError(f"internal error: {type(exc).__name__}: {exc}"), options)
     report.write_termination(report.termination_message(result.status), options.termination_log)
     return api.EXIT_OK
+
+
+def fail(error: TrainerError, options: Options) -> int:
+    """One 'error:' line, the termination message, the exit code."""
+    from . import report
+
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    status = report.failure_status(str(error), preempted=isinstance(error, Preempted))
+    report.write_termination(report.termination_message(status), options.termination_log)
+    return error.exit_code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Any
 
 from kubetune import api
 
-from .errors import InfraError, UserError
+from .errors import InfraError, TrainerError, UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kubetune-manifest/v1"
@@ -77,6 +78,43 @@ _TRANSIENT_CODES = {
     "ThrottlingException",
     "RequestLimitExceeded",
 }
+
+
+# What an OSError from a local disk or volume means, by errno (docs/storage.md has this table;
+# a test keeps them equal). 10 (user): retrying the same pod on the same volume fails the same
+# way, a person must change something (the path, the volume's mode or size). 11 (transient):
+# the moment, not the request - a retry can succeed. Anything not listed: 11.
+ERRNO_EXIT: dict[int, tuple[int, str]] = {
+    errno.ENOENT: (api.EXIT_USER_ERROR, "check the path"),
+    errno.ENOTDIR: (api.EXIT_USER_ERROR, "a part of the path is a file"),
+    errno.EISDIR: (api.EXIT_USER_ERROR, "expected a file, found a folder"),
+    errno.ENAMETOOLONG: (api.EXIT_USER_ERROR, "use a shorter path"),
+    errno.EACCES: (api.EXIT_USER_ERROR, "give the trainer's user access (fsGroup, mode)"),
+    errno.EPERM: (api.EXIT_USER_ERROR, "give the trainer's user access (fsGroup, mode)"),
+    errno.EROFS: (api.EXIT_USER_ERROR, "mount the volume read-write or choose another path"),
+    errno.ENOSPC: (api.EXIT_USER_ERROR, "free space or give the volume more"),
+    errno.EDQUOT: (api.EXIT_USER_ERROR, "raise the quota or free space"),
+    errno.EFBIG: (api.EXIT_USER_ERROR, "the file system's file size limit is too small"),
+    errno.EIO: (api.EXIT_INFRA_ERROR, "an I/O error on the device: retried"),
+    errno.ESTALE: (api.EXIT_INFRA_ERROR, "a stale network file handle: retried"),
+    errno.ETIMEDOUT: (api.EXIT_INFRA_ERROR, "timed out: retried"),
+    errno.EAGAIN: (api.EXIT_INFRA_ERROR, "temporarily unavailable: retried"),
+    errno.EBUSY: (api.EXIT_INFRA_ERROR, "busy: retried"),
+    errno.EINTR: (api.EXIT_INFRA_ERROR, "interrupted: retried"),
+    errno.ENETDOWN: (api.EXIT_INFRA_ERROR, "the network is down: retried"),
+    errno.ENETUNREACH: (api.EXIT_INFRA_ERROR, "the network is unreachable: retried"),
+    errno.ECONNRESET: (api.EXIT_INFRA_ERROR, "the connection was reset: retried"),
+    errno.ENOMEM: (api.EXIT_INFRA_ERROR, "out of kernel memory: retried"),
+}
+
+
+def os_error(exc: OSError, what: str) -> TrainerError:
+    """The UserError or InfraError (by errno, ERRNO_EXIT) for an OSError while doing `what`
+    (e.g. "spec.output.destination: writing /out/report.json")."""
+    code, hint = ERRNO_EXIT.get(exc.errno or -1, (api.EXIT_INFRA_ERROR, "retried"))
+    reason = exc.strerror or type(exc).__name__
+    kind = UserError if code == api.EXIT_USER_ERROR else InfraError
+    return kind(f"{what}: {reason} ({errno.errorcode.get(exc.errno or -1, '?')}): {hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,10 +447,8 @@ class LocalStorage(Storage):
             raise UserError(f"{where}{self.path(rel)}: not found") from None
         except IsADirectoryError:
             raise UserError(f"{where}{self.path(rel)}: is a folder, expected a file") from None
-        except PermissionError:
-            raise UserError(f"{where}{verb} {self.path(rel)}: permission denied") from None
         except OSError as exc:
-            raise InfraError(f"{where}{verb} {self.path(rel)}: {exc.strerror or exc}") from None
+            raise os_error(exc, f"{where}{verb} {self.path(rel)}") from None
 
     def exists(self, rel: str) -> bool:
         return self.path(rel).is_file()
