@@ -289,7 +289,27 @@ def test_json_syntax_error_is_reported_with_its_line(tmp_path: Path) -> None:
     ds = data.load_dataset(path, spec(format="alpaca", maxInvalidFraction=0.5))
     assert ds.total_rows == 2  # the blank line is not a row...
     ((row, reason),) = ds.invalid
-    assert row == 3 and reason.startswith("invalid JSON:")  # ...but it keeps line numbers
+    assert row == 3 and reason.startswith("invalid JSON (line 3, column 36):")  # line numbers
+    assert "cut short" not in reason
+
+
+def test_a_line_cut_short_reports_the_unterminated_string(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl"
+    whole = json.dumps(ALPACA[0])
+    path.write_text(whole + "\n" + whole[:25] + "\n" + whole + "\n" + '{"instruction": 1\n')
+    ds = data.load_dataset(path, spec(format="alpaca", maxInvalidFraction=0.5))
+    assert ds.invalid == [
+        (
+            2,
+            "invalid JSON (line 2, column 17): Unterminated string starting at (the line ends "
+            "inside the JSON: is it cut short?)",
+        ),
+        (
+            4,
+            "invalid JSON (line 4, column 18): Expecting ',' delimiter (the line ends inside "
+            "the JSON: is it cut short?)",
+        ),
+    ]
 
 
 def test_invalid_utf8_row(tmp_path: Path) -> None:

@@ -113,12 +113,26 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
+            # Without its line ending: a line cut short inside a string would otherwise read
+            # as "Invalid control character" (the newline), not as the unterminated string.
+            text = line.rstrip(b"\r\n")
             try:
-                yield number, json.loads(line.decode("utf-8"))
+                yield number, json.loads(text.decode("utf-8"))
             except UnicodeDecodeError:
                 yield number, Unreadable("not valid UTF-8")
             except json.JSONDecodeError as exc:
-                yield number, Unreadable(f"invalid JSON: {exc.msg} (column {exc.colno})")
+                cut = " (the line ends inside the JSON: is it cut short?)"
+                yield (
+                    number,
+                    Unreadable(
+                        f"invalid JSON (line {number}, column {exc.colno}): {exc.msg}"
+                        + (
+                            cut
+                            if exc.pos >= len(exc.doc.rstrip()) or "Unterminated" in exc.msg
+                            else ""
+                        )
+                    ),
+                )
 
 
 def _json_rows(path: Path, field: str) -> Iterator[tuple[int, Any]]:
