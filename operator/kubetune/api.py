@@ -112,7 +112,9 @@ def _cel(*rules: tuple[str, str]) -> ConfigDict:
 class ModelSpec(ApiModel):
     source: Uri = Field(
         description="Where the base model lives: a folder with config.json, tokenizer files and "
-        "safetensors weights. s3://bucket/prefix, file:///path, or a local path.",
+        "safetensors weights, or one .gguf file (llama.cpp format, dequantized to fp32 before "
+        "training: quality is that of the quantized weights; exported as safetensors). "
+        "s3://bucket/prefix, file:///path, or a local path.",
     )
     revision: Annotated[str, StringConstraints(max_length=128)] | None = Field(
         default=None,
@@ -734,6 +736,25 @@ class FineTuneJobSpec(ApiModel):
             # bitsandbytes k-bit training with fp16 autocast diverges without loss scaling.
             raise ValueError("training.precision: qlora supports auto, bf16 or fp32, not fp16")
         return self
+
+
+def is_gguf_source(source: str) -> bool:
+    """spec.model.source names one .gguf file (llama.cpp's format) rather than a folder."""
+    return source.rstrip("/").lower().endswith(".gguf")
+
+
+def notes(spec: FineTuneJobSpec) -> list[str]:
+    """What a valid spec will do that its author may not expect (kubetune validate prints it)."""
+    lines = []
+    if is_gguf_source(spec.model.source):
+        line = (
+            "spec.model.source is a GGUF file: it is dequantized to fp32 before training, so "
+            "quality is that of its quantized weights; artifacts are exported as safetensors"
+        )
+        if spec.method.type == "qlora":
+            line += "; qlora then re-quantizes the dequantized weights with bitsandbytes"
+        lines.append(line)
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,18 +32,22 @@ def positive_int(text: str) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     problems: list[str] = []
+    notes: list[str] = []
     count = sweeps = 0
     for path in args.files:
         loaded = manifests.load_file(path)
         count += len(loaded.jobs)
         sweeps += len(loaded.sweeps)
         problems += loaded.problems
+        notes += [f"note: {path}: {line}" for job in loaded.jobs for line in api.notes(job.spec)]
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
         return EXIT_INVALID
     also = f", {sweeps} FineTuneSweep(s) valid" if sweeps else ""
     print(f"{count} FineTuneJob(s) valid{also}")
+    for line in notes:
+        print(line)
     return EXIT_OK
 
 

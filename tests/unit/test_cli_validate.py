@@ -161,3 +161,17 @@ def test_dates_stay_strings_as_on_the_api_server(
     path.write_text(text.replace("  model:\n", "  model:\n    revision: 2026-01-31\n"))
     code, _, err = run(capsys, str(path))
     assert (code, err) == (0, "")
+
+
+def test_a_gguf_model_source_is_noted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gguf.yaml"
+    path.write_text(yaml.safe_dump(with_spec(model__source="s3://models/smol.Q4_1.gguf")))
+    code, out, err = run(capsys, str(path))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == (
+        f"note: {path}: spec.model.source is a GGUF file: it is dequantized to fp32 before "
+        "training, so quality is that of its quantized weights; artifacts are exported as "
+        "safetensors"
+    )
+    path.write_text(yaml.safe_dump(minimal()))
+    assert run(capsys, str(path))[1].splitlines()[1:] == []

@@ -161,7 +161,7 @@ def commit_splits(data: DataStage, output: Any, workdir: Path) -> None:
 
 
 def fetch_model(config: api.TrainerConfig, options: Options, workdir: Path) -> Path:
-    from .model import check_model_dir
+    from .model import check_model_dir, from_gguf
     from .storage import fetch
 
     spec = config.spec.model
@@ -172,6 +172,8 @@ def fetch_model(config: api.TrainerConfig, options: Options, workdir: Path) -> P
         base_dir=options.base_dir,
         field="spec.model.source",
     )
+    if api.is_gguf_source(spec.source):
+        path = from_gguf(path, workdir / "model-from-gguf", spec)  # dequantized, safetensors
     check_model_dir(path, spec)
     return path
 

@@ -1,6 +1,7 @@
 """The base model and the training method: full, LoRA or QLoRA.
 
-Weights load only from safetensors (never pickles) and model code runs only with
+Weights load only from safetensors (never pickles) or from one GGUF file, dequantized into
+a safetensors folder first (from_gguf), and model code runs only with
 ``spec.model.trustRemoteCode``. Precision: bf16 on a GPU that supports it, fp32 on CPU (CPU
 bf16 matmuls are slow and fp16 training needs loss scaling we do not do).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,62 @@ def check_model_dir(model_dir: Path, spec: api.ModelSpec) -> None:
                 f"spec.model.revision: {spec.revision!r} but the model folder is revision "
                 f"{found!r} (its kubetune-revision file)"
             )
+
+
+def gguf_architecture(path: Path, where: str) -> str:
+    """The file's general.architecture; UserError when the file is not a complete GGUF (the
+    reader maps every tensor, so a truncated file fails here, before any loading)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        architecture = str(field.contents())
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except KeyError:
+        raise UserError(f"{where}: {path.name}: no general.architecture in the GGUF") from None
+    except (ValueError, OSError, IndexError, struct.error) as exc:
+        raise UserError(
+            f"{where}: {path.name}: not a complete GGUF file (truncated or corrupt: {exc})"
+        ) from None
+    if end > path.stat().st_size:
+        raise UserError(f"{where}: {path.name}: truncated GGUF file ({end} bytes expected)")
+    return architecture
+
+
+def from_gguf(path: Path, dest: Path, spec: api.ModelSpec) -> Path:
+    """A .gguf file as a plain safetensors model folder in dest, which the rest of the trainer
+    loads like any other.
+
+    transformers dequantizes every tensor to fp32: the quality is that of the quantized weights
+    (e.g. Q4_1), not of the original model. A gguf-loaded model refuses save_pretrained, so its
+    state dict goes into a plain model of the same class built from its config (without the
+    gguf quantization_config)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = f"spec.model.source: {spec.source}"
+    architecture = gguf_architecture(path, where)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except ValueError as exc:
+        if "not supported" in str(exc):
+            raise UserError(
+                f"{where}: GGUF architecture {architecture!r} is not one transformers can load"
+            ) from None
+        raise UserError(f"{where}: cannot load the GGUF file ({architecture}): {exc}") from None
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{where}: cannot load the GGUF file ({architecture}): {exc}") from None
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(loaded).__name__]
+    plain = type(loaded)(type(loaded.config).from_dict(config))
+    plain.load_state_dict(loaded.state_dict())  # strict: every tensor, tied head included
+    plain.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest
 
 
 def weights_hash(model_dir: Path) -> str:

@@ -1,0 +1,95 @@
+"""A GGUF file as the model source: the demo model written as a GGUF (tests/support/gguf_model)
+loads with the same logits, trains and exports safetensors; a truncated file and an
+architecture transformers cannot load each fail with one clear line and exit 10."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetune import api
+from kubetune_trainer.__main__ import Options, run
+from kubetune_trainer.errors import UserError
+from kubetune_trainer.model import from_gguf
+from tests.support import trainer_runs as tr
+from tests.support.gguf_model import write_llama_gguf
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_llama_gguf(tr.DEMO_MODEL, tmp_path_factory.mktemp("gguf") / "demo.gguf")
+
+
+def _spec(tmp_path: Path, source: Path) -> dict[str, object]:
+    data = tr.write_rows(tmp_path / "rows.jsonl", 48)
+    spec = tr.spec_dict(data, tmp_path / "out", maxSteps=2, evalEverySteps=2)
+    spec["model"] = {"source": str(source)}
+    spec["output"] = {"destination": str(tmp_path / "out"), "mergeAdapter": True}
+    return spec
+
+
+def _run(spec: dict[str, object]) -> api.FineTuneJobStatus:
+    config = api.TrainerConfig(name="g", spec=api.FineTuneJobSpec.model_validate(spec))
+    return run(config, Options(metrics_port=0, termination_log=None, log=lambda line: None)).status
+
+
+def test_a_gguf_loads_as_the_model_it_was_written_from(demo_gguf: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = from_gguf(demo_gguf, tmp_path / "plain", api.ModelSpec(source=str(demo_gguf)))
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    text = "Route this support ticket: I was charged twice."
+    original, converted = (AutoTokenizer.from_pretrained(d) for d in (tr.DEMO_MODEL, folder))
+    ids = original(text)["input_ids"]
+    assert converted(text)["input_ids"] == ids
+    assert converted.chat_template == original.chat_template
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tr.DEMO_MODEL)(x).logits
+        got = AutoModelForCausalLM.from_pretrained(folder)(x).logits
+    torch.testing.assert_close(got, want)  # F32 tensors: dequantizing is exact
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_gguf_source_trains_and_exports_safetensors(demo_gguf: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    status = _run(_spec(tmp_path, demo_gguf))
+    assert status.phase == "Succeeded"
+    assert status.progress is not None and status.progress.step == 2
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", use_safetensors=True)
+    assert merged.config.num_hidden_layers == 2
+    assert getattr(merged.config, "quantization_config", None) is None
+
+
+def test_a_truncated_gguf_is_a_user_error(demo_gguf: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(demo_gguf.read_bytes()[: demo_gguf.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"cut\.gguf: .*truncated"):
+        _run(_spec(tmp_path, cut))
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(demo_gguf.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"header\.gguf: not a complete GGUF file"):
+        _run(_spec(tmp_path, header_only))
+
+
+@pytest.mark.slow
+def test_an_architecture_transformers_cannot_load_exits_10_naming_it(tmp_path: Path) -> None:
+    other = write_llama_gguf(tr.DEMO_MODEL, tmp_path / "other.gguf", architecture="rwkv7")
+    spec = _spec(tmp_path, other)
+    config = api.TrainerConfig(name="g", spec=api.FineTuneJobSpec.model_validate(spec))
+    code, out = tr.run_trainer(tr.write_config(tmp_path / "c.json", config), tmp_path / "term")
+    assert code == api.EXIT_USER_ERROR, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: spec.model.source: {other}: GGUF architecture 'rwkv7' is not one transformers "
+        "can load"
+    ], out
+    assert "Traceback" not in out
