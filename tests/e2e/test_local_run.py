@@ -189,3 +189,34 @@ def test_output_may_be_a_file_or_s3_uri(
     assert into_file.returncode == 0, into_file.stdout + into_file.stderr
     assert (folder / "report.json").is_file()
     assert (folder / "adapter" / "manifest.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_progress_bars_keep_log_lines_and_eval_loss_and_follow_evaluation(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, training={**tr.spec_dict(Path("d"), Path("o"))["training"]})
+    # stdout and stderr into one pipe, as on a terminal: where a bar and a log line meet shows.
+    shown = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(manifest)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=tr.trainer_env(),
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stdout
+    text = shown.stdout
+    assert text.count("checkpoint step ") == 3  # steps 2, 4, 6
+    for at in [i for i in range(len(text)) if text.startswith("checkpoint step ", i)]:
+        assert text[at - 1] in "\r\n", text[at - 40 : at + 20]  # on its own line
+    renders = [part for part in text.replace("\r", "\n").split("\n") if "loss=" in part]
+    first_eval = next(i for i, part in enumerate(renders) if "eval=" in part)
+    assert first_eval < len(renders) - 1
+    assert all("eval=" in part for part in renders[first_eval:]), renders  # kept between evals
+    assert "evaluate tuned" in text and "evaluate base" in text  # evaluation has bars too
+    assert "Loading weights" in text
+
+    quiet = _kubetune("run", str(manifest), "--no-progress", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    for bar in ("Loading weights", "evaluate tuned", "step/s", "it/s"):
+        assert bar not in quiet.stdout + quiet.stderr

@@ -36,7 +36,9 @@ class Options:
     base_dir: Path | None = None  # relative paths in the spec resolve here (kubetune run)
     metrics_port: int = api.TRAINER_METRICS_PORT  # 0: no /metrics server
     termination_log: str | None = api.TERMINATION_LOG
-    progress: Callable[[dict[str, Any]], None] | None = None
+    progress: Callable[[dict[str, Any]], None] | None = None  # per training step; None: no bars
+    # Evaluation progress: (which model, rows done, rows to do), e.g. ("tuned", 12, 40).
+    evaluation_progress: Callable[[str, int, int], None] | None = None
     log: Log = field(default=lambda line: print(line, flush=True))
     workdir: Path | None = None  # scratch space (downloads, staging); scratch.py by default
 
@@ -203,14 +205,17 @@ def score(
     tokenizer: Any,
     test: list[Any],
     device: Any,
+    label: str,
 ) -> tuple[dict[str, float], list[str]]:
-    """Held-out metrics on the test split (plus safety evals when configured) for one model."""
+    """Held-out metrics on the test split (plus safety evals when configured) for one model
+    (`label`: "base" or "tuned")."""
     from .evaluate import evaluate_model
     from .safety import run_safety
 
     spec = config.spec
     notes: list[str] = []
     values: dict[str, float] = {}
+    shown = options.evaluation_progress
     if test:
         values = evaluate_model(
             model,
@@ -219,6 +224,7 @@ def score(
             spec.evaluation,
             max_seq_length=spec.dataset.maxSeqLength,
             device=device,
+            progress=(lambda done, total: shown(label, done, total)) if shown else None,
         )
     else:
         notes.append("the test split is empty: held-out metrics were not measured")
@@ -251,14 +257,14 @@ def evaluate(
     before training (base_before)."""
     from .evaluate import check_gates, compare
 
-    tuned, notes = score(config, options, model, tokenizer, test, device)
+    tuned, notes = score(config, options, model, tokenizer, test, device, "tuned")
     base: dict[str, float] = {}
     if config.spec.evaluation.compareToBase:
         if base_before is not None:
             base = base_before
         else:
             with model.disable_adapter():
-                base, base_notes = score(config, options, model, tokenizer, test, device)
+                base, base_notes = score(config, options, model, tokenizer, test, device, "base")
             notes += [n for n in base_notes if n not in notes]
     metrics = api.Metrics(base=base, tuned=tuned, delta=compare(base, tuned) if base else {})
     return metrics, check_gates(list(config.spec.evaluation.gates), metrics), notes
@@ -284,16 +290,25 @@ def load_model(
     spec = config.spec
     seed_everything(spec.training.seed)  # before LoRA init
     model_dir = fetch_model(config, options, workdir)
+    library_progress_bars(options.progress is not None)
     device = model_stage.pick_device()
     tokenizer = model_stage.load_tokenizer(model_dir, spec.model)
     model = model_stage.load_base(model_dir, spec, device)
     base_before = None
     if spec.method.type == "full" and spec.evaluation.compareToBase and main:
         # A full fine-tune overwrites the base weights: score them first.
-        base_before, _ = score(config, options, model, tokenizer, test, device)
+        base_before, _ = score(config, options, model, tokenizer, test, device, "base")
     model = model_stage.apply_method(model, spec)
     trainable, total = model_stage.count_parameters(model)
     return ModelStage(model, tokenizer, model_dir, device, base_before, trainable, total)
+
+
+def library_progress_bars(enabled: bool) -> None:
+    """transformers draws bars of its own ("Loading weights"): only where ours are shown, not
+    in pod logs or under --no-progress."""
+    from transformers.utils import logging as hf_logging
+
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
 
 
 @dataclass

@@ -245,14 +245,25 @@ def evaluate_model(
     *,
     max_seq_length: int,
     device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """The metrics named in ``spec.metrics`` for one model on ``examples`` (the test split).
 
     The model must already be on ``device``. Metrics that could not be measured (no scored
     tokens) are absent rather than NaN, so every value fits the status and JSON.
+    ``progress(done, total)`` follows the rows scored (each pass over the rows counts).
     """
     wanted = set(spec.metrics)
     rows = examples[: spec.maxSamples] if spec.maxSamples else examples
+    passes = bool(wanted & TOKEN_METRICS) + bool(wanted & GENERATION_METRICS)
+    done, total = 0, passes * len(rows)
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total)
+
     was_training = model.training
     model.eval()
     results: dict[str, float] = {}
@@ -266,6 +277,7 @@ def evaluate_model(
                         model, tokenizer, [rows[i] for i in batch], max_seq_length, device
                     )
                 )
+                advance(len(batch))
             results.update(sums.metrics())
         if wanted & GENERATION_METRICS:
             generated = GenerationSums()
@@ -278,6 +290,7 @@ def evaluate_model(
                 for i, tokens in zip(batch, outputs, strict=True):
                     text = str(tokenizer.decode(tokens, skip_special_tokens=True))
                     generated.add(text, rows[i].completion)
+                advance(len(batch))
             results.update(generated.metrics())
     finally:
         model.train(was_training)

@@ -77,37 +77,55 @@ def build_config(
 
 
 class Bar:
-    """tqdm progress: step/total, loss, eval loss; tqdm computes the ETA."""
+    """tqdm progress on `stream`: the training steps (loss, and the latest eval loss, kept
+    between evaluations), then one bar per evaluated model. Log lines go through write(), so
+    they print above the bar instead of glued onto it."""
 
-    def __init__(self, enabled: bool, stream: TextIO) -> None:
-        self.enabled, self.stream = enabled, stream
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
         self.bar: Any = None
+        self.eval_loss: float | None = None
+        self.evaluating: str | None = None  # the model the evaluation bar follows
+
+    def _open(self, **kwargs: Any) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(file=self.stream, dynamic_ncols=True, **kwargs)
 
     def __call__(self, entry: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=entry["totalSteps"],
-                initial=entry["step"] - 1,
-                unit="step",
-                file=self.stream,
-                dynamic_ncols=True,
-            )
-        postfix = {"loss": f"{entry['loss']:.4f}"}
+        if self.bar is None or self.evaluating is not None:
+            self._open(total=entry["totalSteps"], initial=entry["step"] - 1, unit="step")
         if "evalLoss" in entry:
-            postfix["eval"] = f"{entry['evalLoss']:.4f}"
+            self.eval_loss = entry["evalLoss"]
+        postfix = {"loss": f"{entry['loss']:.4f}"}
+        if self.eval_loss is not None:
+            postfix["eval"] = f"{self.eval_loss:.4f}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
         if entry["step"] >= entry["totalSteps"]:
             self.close()  # evaluation and export follow; their lines go below the bar
 
+    def evaluation(self, label: str, done: int, total: int) -> None:
+        if self.evaluating != label:
+            self._open(total=total, desc=f"evaluate {label}", unit="row")
+            self.evaluating = label
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def write(self, line: str, file: TextIO) -> None:
+        if self.bar is None:
+            print(line, file=file, flush=True)
+        else:
+            self.bar.write(line, file=file)
+            file.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.evaluating = None
 
 
 def summary(result: Result) -> str:
@@ -148,13 +166,14 @@ def run_manifest(
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    bar = Bar(progress, sys.stderr)
+    bar = Bar(sys.stderr)
     options = Options(
         base_dir=Path(path).resolve().parent,
         metrics_port=metrics_port,
         termination_log=None,
-        progress=bar,
-        log=lambda line: print(line, file=out, flush=True),
+        progress=bar if progress else None,
+        evaluation_progress=bar.evaluation if progress else None,
+        log=lambda line: bar.write(line, out),
     )
     results: list[Result] = []
 
