@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from kubetune import api, k8s, metrics, render
 from kubetune import status as st
+from kubetune.policy import license_problem
 from kubetune.settings import Settings
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
@@ -58,16 +59,11 @@ def _parse(body: Mapping[str, Any]) -> api.FineTuneJob:
 
 
 def _policy_errors(job: api.FineTuneJob, policy: api.Policy) -> list[str]:
-    """The trainer's own license gate, run before any pod is scheduled: a dataset the platform
-    does not allow fails at once instead of after a GPU was found and the image pulled."""
-    from kubetune_trainer.data import check_license  # stdlib-only module
-    from kubetune_trainer.errors import UserError
-
-    try:
-        check_license(job.spec.dataset.license, policy)
-    except UserError as error:
-        return [str(error)]
-    return []
+    """The trainer's own license gate (kubetune.policy), run before any pod is scheduled: a
+    dataset the platform does not allow fails at once instead of after a GPU was found and the
+    image pulled."""
+    problem = license_problem(job.spec.dataset.license, policy)
+    return [problem] if problem else []
 
 
 def _write(patch: kopf.Patch, old: api.FineTuneJobStatus, new: api.FineTuneJobStatus) -> None:
