@@ -10,6 +10,7 @@ from typing import NoReturn
 from kubetune import api, crd, manifests
 
 EXIT_OK, EXIT_INVALID = 0, 1
+GPU_NAMES = ("H200", "H100-80GB", "A100-80GB", "A100-40GB", "L40S", "A10G", "L4", "T4")
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,6 +115,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(args.file, parallel=args.parallel, output=args.output)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kubetune import plan_cli
+
+    return plan_cli.main(args.file, gpu_memory=args.gpu_memory, gpu=args.gpu, as_json=args.json)
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -162,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics (0: off)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="estimate memory and time of full, LoRA and QLoRA")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--gpu-memory", help="memory per GPU, e.g. 80Gi (default: from --gpu)")
+    p.add_argument("--gpu", help="GPU model for memory and FLOP rate: " + ", ".join(GPU_NAMES))
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="run a FineTuneSweep manifest locally (trials in turn)")
     p.add_argument("file", metavar="FILE")
