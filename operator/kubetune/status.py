@@ -140,6 +140,29 @@ _ORDER = {
 }
 
 
+class Conditions:
+    """The conditions of one status being built: ``now`` and ``generation`` said once."""
+
+    def __init__(
+        self, current: Iterable[api.Condition], *, now: datetime, generation: int | None
+    ) -> None:
+        self.items = list(current)
+        self.now = now
+        self.generation = generation
+
+    def set(
+        self,
+        type_: str,
+        status: Literal["True", "False", "Unknown"],
+        reason: str,
+        message: str,
+    ) -> Conditions:
+        self.items = set_condition(
+            self.items, type_, status, reason, message, now=self.now, generation=self.generation
+        )
+        return self
+
+
 def condition(status: api.FineTuneJobStatus, type_: str) -> api.Condition | None:
     return next((c for c in status.conditions if c.type == type_), None)
 
@@ -151,16 +174,13 @@ def condition(status: api.FineTuneJobStatus, type_: str) -> api.Condition | None
 def invalid(errors: list[str], *, generation: int | None, now: datetime) -> api.FineTuneJobStatus:
     """Status of a FineTuneJob whose spec the operator refuses: terminal, no children."""
     message = "invalid spec: " + "; ".join(errors)
-    conditions = set_condition(
-        [], VALIDATED, "False", SPEC_INVALID, message, now=now, generation=generation
-    )
-    conditions = set_condition(
-        conditions, FAILED, "True", SPEC_INVALID, message, now=now, generation=generation
-    )
+    conditions = Conditions([], now=now, generation=generation)
+    conditions.set(VALIDATED, "False", SPEC_INVALID, message)
+    conditions.set(FAILED, "True", SPEC_INVALID, message)
     return api.FineTuneJobStatus(
         phase="Failed",
         observedGeneration=generation,
-        conditions=conditions,
+        conditions=conditions.items,
         completionTime=rfc3339(now),
         message=_clip(message),
     )
@@ -175,40 +195,21 @@ def created(
     now: datetime,
 ) -> api.FineTuneJobStatus:
     """Status right after the children were created (or found after a restart)."""
-    conditions = set_condition(
-        previous.conditions,
-        VALIDATED,
-        "True",
-        SPEC_VALID,
-        "spec accepted",
-        now=now,
-        generation=generation,
-    )
+    conditions = Conditions(previous.conditions, now=now, generation=generation)
+    conditions.set(VALIDATED, "True", SPEC_VALID, "spec accepted")
     phase: Phase = "Suspended" if suspended else "Pending"
     message = f"Job {job_name} created" + (" (suspended)" if suspended else "")
-    conditions = set_condition(
-        conditions,
-        SUSPENDED,
-        "True" if suspended else "False",
-        JOB_SUSPENDED if suspended else NOT_SUSPENDED,
-        message,
-        now=now,
-        generation=generation,
-    )
-    conditions = set_condition(
-        conditions,
-        RUNNING,
-        "False",
-        JOB_SUSPENDED if suspended else POD_PENDING,
-        message,
-        now=now,
-        generation=generation,
-    )
+    if suspended:
+        conditions.set(SUSPENDED, "True", JOB_SUSPENDED, message)
+        conditions.set(RUNNING, "False", JOB_SUSPENDED, message)
+    else:
+        conditions.set(SUSPENDED, "False", NOT_SUSPENDED, message)
+        conditions.set(RUNNING, "False", POD_PENDING, message)
     return previous.model_copy(
         update={
             "phase": previous.phase if previous.phase in TERMINAL else phase,
             "observedGeneration": generation,
-            "conditions": conditions,
+            "conditions": conditions.items,
             "jobName": job_name,
             "message": message if previous.phase not in TERMINAL else previous.message,
         }
@@ -223,16 +224,9 @@ def spec_change_ignored(
         f"spec change to {names} ignored: the job already started; create a new FineTuneJob "
         "to change it (only spec.suspend can change)"
     )
-    conditions = set_condition(
-        previous.conditions,
-        SPEC_CHANGE_IGNORED,
-        "True",
-        SPEC_IMMUTABLE,
-        message,
-        now=now,
-        generation=generation,
-    )
-    return previous.model_copy(update={"conditions": conditions, "message": message})
+    conditions = Conditions(previous.conditions, now=now, generation=generation)
+    conditions.set(SPEC_CHANGE_IGNORED, "True", SPEC_IMMUTABLE, message)
+    return previous.model_copy(update={"conditions": conditions.items, "message": message})
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,20 +433,18 @@ def compute(
     """
     if previous.phase in TERMINAL:
         return previous  # final: nothing the Job does later (TTL, deletion) changes it
-    g = generation
-    conds = list(previous.conditions)
-    out: dict[str, Any] = {"observedGeneration": g}
+    conds = Conditions(previous.conditions, now=now, generation=generation)
+    out: dict[str, Any] = {"observedGeneration": generation}
 
     if job is None:
         message = "the trainer Job is missing; it will be created again"
-        conds = set_condition(conds, RUNNING, "False", JOB_MISSING, message, now=now, generation=g)
-        out.update(phase="Pending", conditions=conds, message=message)
+        conds.set(RUNNING, "False", JOB_MISSING, message)
+        out.update(phase="Pending", conditions=conds.items, message=message)
         return previous.model_copy(update=out)
 
     facts = pod_facts(pods)
-    nodes = spec.resources.numNodes
     job_status = job.get("status", {})
-    attempts = _attempts(job, facts, nodes)
+    attempts = _attempts(job, facts, spec.resources.numNodes)
     out["attempts"] = attempts
     out["jobName"] = job.get("metadata", {}).get("name", previous.jobName)
     # Training started when a trainer first ran, not when the Job was admitted.
@@ -460,11 +452,11 @@ def compute(
         (job_status.get("startTime") or rfc3339(now)) if attempts else None
     )
     out["startTime"] = start
-
-    progress = previous.progress
+    out["progress"] = previous.progress
     if live is not None:
-        progress = live.model_copy(update={"etaSeconds": _eta(live, _parse_time(start), now)})
-    out["progress"] = progress
+        out["progress"] = live.model_copy(
+            update={"etaSeconds": _eta(live, _parse_time(start), now)}
+        )
 
     complete = _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet")
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
@@ -474,92 +466,117 @@ def compute(
     phase: Phase
     if complete:
         phase = "Succeeded"
-        gates, trainer_message = _apply_result(out, result or {})
-        message = trainer_message or "training finished"
-        if result is None:
-            # No termination message (a kubelet that lost it): point at the full report.
-            report_uri = spec.output.destination.rstrip("/") + "/report.json"
-            out["artifacts"] = api.Artifacts(report=report_uri)
-            message += f"; the result could not be read from the pod: see {report_uri}"
-        out["completionTime"] = job_status.get("completionTime") or rfc3339(now)
-        final = (result or {}).get("progress")
-        if isinstance(final, dict):  # the trainer's last word beats the last scrape
-            with contextlib.suppress(ValidationError):
-                out["progress"] = api.Progress.model_validate(final).model_copy(
-                    update={"etaSeconds": 0, "updatedAt": rfc3339(now)}
-                )
-        conds = set_condition(conds, RUNNING, "False", FINISHED, message, now=now, generation=g)
-        conds = set_condition(
-            conds, SUCCEEDED, "True", TRAINING_COMPLETE, message, now=now, generation=g
-        )
-        conds = set_condition(conds, FAILED, "False", FINISHED, message, now=now, generation=g)
-        conds = _gates_condition(
-            conds, gates, result, len(spec.evaluation.gates), now=now, generation=g
-        )
+        message = _succeeded(out, conds, spec, job_status, result, now)
     elif failed:
         phase = "Failed"
-        gates, trainer_message = _apply_result(out, result or {})
-        reason = _failure_reason(failed, facts)
-        parts = [trainer_message or facts.result_text or failed.get("message") or reason]
-        if facts.last_failure and facts.last_failure not in parts[0]:
-            parts.append(f"last pod: {facts.last_failure}")
-        message = "; ".join(p for p in parts if p)
-        out["completionTime"] = failed.get("lastTransitionTime") or rfc3339(now)
-        conds = set_condition(conds, RUNNING, "False", reason, message, now=now, generation=g)
-        conds = set_condition(conds, SUCCEEDED, "False", reason, message, now=now, generation=g)
-        conds = set_condition(conds, FAILED, "True", reason, message, now=now, generation=g)
+        message = _failed(out, conds, failed, facts, result, now)
     elif suspended and not spec.suspend and spec.scheduling.queueName:
-        # Kueue creates the Job suspended and unsuspends it when the queue admits it.
         phase = "Pending"
-        message = f"queued in Kueue LocalQueue {spec.scheduling.queueName}: waiting for admission"
-        conds = set_condition(
-            conds, SUSPENDED, "False", NOT_SUSPENDED, "not suspended", now=now, generation=g
-        )
-        conds = set_condition(conds, RUNNING, "False", QUEUED, message, now=now, generation=g)
+        message = _queued(conds, spec.scheduling.queueName)
     elif suspended:
         phase = "Suspended"
-        message = "suspended: no pods run; set spec.suspend to false to resume"
-        conds = set_condition(
-            conds, SUSPENDED, "True", JOB_SUSPENDED, message, now=now, generation=g
-        )
-        conds = set_condition(
-            conds, RUNNING, "False", JOB_SUSPENDED, message, now=now, generation=g
-        )
+        message = _suspended(conds)
     elif facts.running:
         phase = "Running"
-        message = "training"
-        if attempts > 1:
-            message = f"training (attempt {attempts}, resumed from the last checkpoint)"
-            if facts.last_failure:
-                message += f"; previous pod: {facts.last_failure}"
-        conds = set_condition(
-            conds, SUSPENDED, "False", NOT_SUSPENDED, "not suspended", now=now, generation=g
-        )
-        conds = set_condition(
-            conds,
-            RUNNING,
-            "True",
-            RETRYING if attempts > 1 else TRAINER_RUNNING,
-            message,
-            now=now,
-            generation=g,
-        )
+        message = _running(conds, facts, attempts)
     else:
         phase = "Pending"
-        reason = facts.waiting_reason or (RETRYING if facts.last_failure else POD_PENDING)
-        if facts.waiting_reason:
-            message = f"{facts.waiting_reason}: {facts.waiting_message}".rstrip(": ")
-        elif facts.last_failure:
-            message = f"pod failed ({facts.last_failure}); the Job starts a new one"
-        else:
-            message = "waiting for the trainer pod to start"
-        conds = set_condition(
-            conds, SUSPENDED, "False", NOT_SUSPENDED, "not suspended", now=now, generation=g
-        )
-        conds = set_condition(conds, RUNNING, "False", reason, message, now=now, generation=g)
-
-    out.update(phase=phase, conditions=conds, message=_clip(message))
+        message = _pending(conds, facts)
+    out.update(phase=phase, conditions=conds.items, message=_clip(message))
     return previous.model_copy(update=out)
+
+
+# One function per phase: each sets its conditions (and, when finished, the results in
+# ``out``) and returns the status message.
+
+
+def _succeeded(
+    out: dict[str, Any],
+    conds: Conditions,
+    spec: api.FineTuneJobSpec,
+    job_status: Mapping[str, Any],
+    result: Mapping[str, Any] | None,
+    now: datetime,
+) -> str:
+    gates, trainer_message = _apply_result(out, result or {})
+    message = trainer_message or "training finished"
+    if result is None:
+        # No termination message (a kubelet that lost it): point at the full report.
+        report_uri = spec.output.destination.rstrip("/") + "/report.json"
+        out["artifacts"] = api.Artifacts(report=report_uri)
+        message += f"; the result could not be read from the pod: see {report_uri}"
+    out["completionTime"] = job_status.get("completionTime") or rfc3339(now)
+    final = (result or {}).get("progress")
+    if isinstance(final, dict):  # the trainer's last word beats the last scrape
+        with contextlib.suppress(ValidationError):
+            out["progress"] = api.Progress.model_validate(final).model_copy(
+                update={"etaSeconds": 0, "updatedAt": rfc3339(now)}
+            )
+    conds.set(RUNNING, "False", FINISHED, message)
+    conds.set(SUCCEEDED, "True", TRAINING_COMPLETE, message)
+    conds.set(FAILED, "False", FINISHED, message)
+    _gates_condition(conds, gates, result, len(spec.evaluation.gates))
+    return message
+
+
+def _failed(
+    out: dict[str, Any],
+    conds: Conditions,
+    failed: Mapping[str, Any],
+    facts: PodFacts,
+    result: Mapping[str, Any] | None,
+    now: datetime,
+) -> str:
+    _, trainer_message = _apply_result(out, result or {})
+    reason = _failure_reason(failed, facts)
+    parts = [trainer_message or facts.result_text or failed.get("message") or reason]
+    if facts.last_failure and facts.last_failure not in parts[0]:
+        parts.append(f"last pod: {facts.last_failure}")
+    message = "; ".join(p for p in parts if p)
+    out["completionTime"] = failed.get("lastTransitionTime") or rfc3339(now)
+    conds.set(RUNNING, "False", reason, message)
+    conds.set(SUCCEEDED, "False", reason, message)
+    conds.set(FAILED, "True", reason, message)
+    return message
+
+
+def _queued(conds: Conditions, queue: str) -> str:
+    # Kueue creates the Job suspended and unsuspends it when the queue admits it.
+    message = f"queued in Kueue LocalQueue {queue}: waiting for admission"
+    conds.set(SUSPENDED, "False", NOT_SUSPENDED, "not suspended")
+    conds.set(RUNNING, "False", QUEUED, message)
+    return message
+
+
+def _suspended(conds: Conditions) -> str:
+    message = "suspended: no pods run; set spec.suspend to false to resume"
+    conds.set(SUSPENDED, "True", JOB_SUSPENDED, message)
+    conds.set(RUNNING, "False", JOB_SUSPENDED, message)
+    return message
+
+
+def _running(conds: Conditions, facts: PodFacts, attempts: int) -> str:
+    message = "training"
+    if attempts > 1:
+        message = f"training (attempt {attempts}, resumed from the last checkpoint)"
+        if facts.last_failure:
+            message += f"; previous pod: {facts.last_failure}"
+    conds.set(SUSPENDED, "False", NOT_SUSPENDED, "not suspended")
+    conds.set(RUNNING, "True", RETRYING if attempts > 1 else TRAINER_RUNNING, message)
+    return message
+
+
+def _pending(conds: Conditions, facts: PodFacts) -> str:
+    reason = facts.waiting_reason or (RETRYING if facts.last_failure else POD_PENDING)
+    if facts.waiting_reason:
+        message = f"{facts.waiting_reason}: {facts.waiting_message}".rstrip(": ")
+    elif facts.last_failure:
+        message = f"pod failed ({facts.last_failure}); the Job starts a new one"
+    else:
+        message = "waiting for the trainer pod to start"
+    conds.set(SUSPENDED, "False", NOT_SUSPENDED, "not suspended")
+    conds.set(RUNNING, "False", reason, message)
+    return message
 
 
 def _failure_reason(failed: Mapping[str, Any], facts: PodFacts) -> str:
@@ -574,68 +591,27 @@ def _failure_reason(failed: Mapping[str, Any], facts: PodFacts) -> str:
 
 
 def _gates_condition(
-    conds: list[api.Condition],
+    conds: Conditions,
     gates: list[api.GateResult],
     result: Mapping[str, Any] | None,
     declared: int,
-    *,
-    now: datetime,
-    generation: int | None,
-) -> list[api.Condition]:
+) -> None:
     if result is None:
-        return set_condition(
-            conds,
-            GATES_PASSED,
-            "Unknown",
-            NOT_EVALUATED,
-            "the trainer's result could not be read",
-            now=now,
-            generation=generation,
-        )
-    if declared and len(gates) < declared:
+        conds.set(GATES_PASSED, "Unknown", NOT_EVALUATED, "the trainer's result could not be read")
+    elif declared and len(gates) < declared:
         # The trainer drops fields to fit the 4 KB termination message: never read a missing
         # gate as a passed one.
-        return set_condition(
-            conds,
-            GATES_PASSED,
-            "Unknown",
-            NOT_EVALUATED,
-            f"{declared - len(gates)} of {declared} gate result(s) missing from the trainer's "
-            "result; see report.json",
-            now=now,
-            generation=generation,
+        missing = f"{declared - len(gates)} of {declared} gate result(s) missing from the "
+        conds.set(
+            GATES_PASSED, "Unknown", NOT_EVALUATED, missing + "trainer's result; see report.json"
         )
-    if not gates:
-        return set_condition(
-            conds,
-            GATES_PASSED,
-            "True",
-            NO_GATES,
-            "no gates declared",
-            now=now,
-            generation=generation,
-        )
-    failed = [g for g in gates if not g.passed]
-    if failed:
+    elif not gates:
+        conds.set(GATES_PASSED, "True", NO_GATES, "no gates declared")
+    elif failed := [g for g in gates if not g.passed]:
         detail = "; ".join(g.describe() for g in failed)
-        return set_condition(
-            conds,
-            GATES_PASSED,
-            "False",
-            GATE_FAILED,
-            f"failed: {detail}",
-            now=now,
-            generation=generation,
-        )
-    return set_condition(
-        conds,
-        GATES_PASSED,
-        "True",
-        ALL_GATES_PASSED,
-        f"{len(gates)} gate(s) passed",
-        now=now,
-        generation=generation,
-    )
+        conds.set(GATES_PASSED, "False", GATE_FAILED, f"failed: {detail}")
+    else:
+        conds.set(GATES_PASSED, "True", ALL_GATES_PASSED, f"{len(gates)} gate(s) passed")
 
 
 # --------------------------------------------------------------------------------------------
