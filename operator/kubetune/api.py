@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -46,6 +46,10 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 MODULE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+
+# A FineTuneJob's phases, in the order a run goes through them (status, metrics, CRD).
+Phase = Literal["Pending", "Suspended", "Running", "Succeeded", "Failed"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
 
 # Metrics the evaluator reports for both base and tuned models (and their delta).
 EvalMetric = Literal["loss", "perplexity", "tokenAccuracy", "exactMatch", "rougeL"]
@@ -864,7 +868,7 @@ class Reproducibility(ApiModel):
 
 
 class FineTuneJobStatus(ApiModel):
-    phase: Literal["Pending", "Suspended", "Running", "Succeeded", "Failed"] | None = Field(
+    phase: Phase | None = Field(
         default=None, description="Summary for humans and printer columns."
     )
     observedGeneration: int | None = Field(

@@ -40,7 +40,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from kubetune import __version__, api
 
-PHASES: Final = ("Pending", "Suspended", "Running", "Succeeded", "Failed")
+PHASES: Final = api.PHASES
 TERMINAL: Final = frozenset({"Succeeded", "Failed"})
 
 # Time to Running is queueing + image pull + scheduling: seconds to hours (Kueue can hold a job).

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from kubetune import api, render
 
-Phase = Literal["Pending", "Suspended", "Running", "Succeeded", "Failed"]
+Phase = api.Phase
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
 # Condition types.
@@ -47,7 +47,6 @@ CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
 TRAINER_RUNNING = "TrainerRunning"
 RETRYING = "Retrying"
 TRAINING_COMPLETE = "TrainingComplete"
-NOT_FINISHED = "NotFinished"
 FINISHED = "Finished"
 USER_ERROR = "UserError"
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
