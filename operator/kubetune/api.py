@@ -789,6 +789,18 @@ class EvalPoint(ApiModel):
     evalLoss: float = Field(description="Validation loss at that step.")
 
 
+# At most one condition per type (a list-map keyed by type, as the Kubernetes API conventions
+# have it, so server-side apply merges by type); room for every type with margin.
+MAX_CONDITIONS = 16
+ConditionList = Annotated[
+    list[Condition],
+    Field(
+        max_length=MAX_CONDITIONS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    ),
+]
+
+
 class Progress(ApiModel):
     step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
     totalSteps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
@@ -868,13 +880,11 @@ class Reproducibility(ApiModel):
 
 
 class FineTuneJobStatus(ApiModel):
-    phase: Phase | None = Field(
-        default=None, description="Summary for humans and printer columns."
-    )
+    phase: Phase | None = Field(default=None, description="Summary for humans and printer columns.")
     observedGeneration: int | None = Field(
         default=None, ge=0, description="Last spec generation acted on."
     )
-    conditions: list[Condition] = Field(default_factory=list, description="Detailed state.")
+    conditions: ConditionList = Field(default_factory=list, description="Detailed state.")
     jobName: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
     startTime: str | None = Field(default=None, description="When training started.")
     completionTime: str | None = Field(default=None, description="When the job finished.")

@@ -244,7 +244,7 @@ class FineTuneSweepStatus(api.ApiModel):
         default=None, description="Summary for humans and printer columns."
     )
     observedGeneration: int | None = Field(default=None, ge=0, description="Generation acted on.")
-    conditions: list[api.Condition] = Field(default_factory=list, description="Detailed state.")
+    conditions: api.ConditionList = Field(default_factory=list, description="Detailed state.")
     message: str | None = Field(default=None, description="The latest human-readable message.")
     trialCount: int = Field(default=0, ge=0, description="Trials created so far.")
     running: int = Field(default=0, ge=0, description="Trials pending or running.")

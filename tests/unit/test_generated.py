@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from kubetune import crd, sweep_crd
+from kubetune import api, crd, sweep_crd
 
 ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = "run `make generate` (or `kubetune crd > crds/... && kubetune docs > docs/api.md`)"
@@ -84,3 +84,15 @@ def test_immutability_rules_cover_training_defining_fields() -> None:
     for field in ("model", "dataset", "method", "training", "output"):
         assert f"self.{field} == oldSelf.{field}" in text
     assert "suspend" not in text
+
+
+def test_conditions_are_a_list_map_keyed_by_type() -> None:
+    for kind, generated in (("FineTuneJob", crd.crd()), ("FineTuneSweep", sweep_crd.sweep_crd())):
+        schema = generated["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        status = schema["properties"]["status"]
+        conditions = status["properties"]["conditions"]
+        assert conditions["x-kubernetes-list-type"] == "map", kind
+        assert conditions["x-kubernetes-list-map-keys"] == ["type"], kind
+        assert conditions["maxItems"] == api.MAX_CONDITIONS, kind
+        # The API server requires map keys to be required (or defaulted) in the items.
+        assert "type" in conditions["items"]["required"], kind
