@@ -16,6 +16,7 @@ PLATFORM ?= linux/amd64
 # Where `generate` writes (overridable so a test can regenerate into a scratch folder).
 CRD_DIR       ?= crds
 DOCS_FILE     ?= docs/api.md
+OPERATOR_DOC  ?= docs/operator.md
 CHART_CRD_DIR ?= helm/kubetune/crds
 CRD_FILE      := finetunejobs.kubetune.io.yaml
 SWEEP_CRD_FILE := finetunesweeps.kubetune.io.yaml
@@ -25,10 +26,12 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 .PHONY: generate
-generate: ## regenerate every generated file: crds/, docs/api.md, the chart's CRD copy
+generate: ## regenerate every generated file: crds/, docs/api.md, docs/operator.md's conditions table, the chart's CRD copies
 	@mkdir -p $(CRD_DIR) $(CHART_CRD_DIR) $(dir $(DOCS_FILE))
 	$(KUBETUNE) crd > $(CRD_DIR)/$(CRD_FILE)
 	$(KUBETUNE) docs > $(DOCS_FILE)
+	$(KUBETUNE) docs --conditions-in docs/operator.md > $(OPERATOR_DOC).new
+	mv $(OPERATOR_DOC).new $(OPERATOR_DOC)
 	cp $(CRD_DIR)/$(CRD_FILE) $(CHART_CRD_DIR)/$(CRD_FILE)
 	$(KUBETUNE) crd FineTuneSweep > $(CRD_DIR)/$(SWEEP_CRD_FILE)
 	cp $(CRD_DIR)/$(SWEEP_CRD_FILE) $(CHART_CRD_DIR)/$(SWEEP_CRD_FILE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from kubetune import api, crd, manifests
@@ -62,6 +63,13 @@ def cmd_crd(args: argparse.Namespace) -> int:
 def cmd_docs(args: argparse.Namespace) -> int:
     from kubetune import sweep_crd
 
+    if args.conditions_in:
+        try:
+            sys.stdout.write(crd.with_conditions_table(Path(args.conditions_in).read_text()))
+        except (OSError, ValueError) as error:
+            print(f"error: {args.conditions_in}: {error}", file=sys.stderr)
+            return EXIT_INVALID
+        return EXIT_OK
     sys.stdout.write(crd.api_reference() + sweep_crd.api_reference())
     return EXIT_OK
 
@@ -141,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_crd)
 
     p = sub.add_parser("docs", help="print the manifest reference (docs/api.md)")
+    p.add_argument(
+        "--conditions-in",
+        metavar="FILE",
+        help="print FILE (docs/operator.md) with its generated conditions table up to date",
+    )
     p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("render", help="print the Kubernetes objects the operator creates")

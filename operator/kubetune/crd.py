@@ -250,3 +250,33 @@ def api_reference() -> str:
         _doc_rows(schema["properties"][section], section, rows)
         lines += [*rows, ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# docs/operator.md: the conditions table, between these two lines
+
+CONDITIONS_BEGIN = "<!-- conditions table: generated from kubetune/status.py by `make generate` -->"
+CONDITIONS_END = "<!-- end of the generated conditions table -->"
+
+
+def conditions_table() -> str:
+    """Every condition type and its reasons, from status.CONDITION_REASONS."""
+    from kubetune import status
+
+    def cell(reasons: tuple[status.Reason, ...]) -> str:
+        return ", ".join(f"`{r.name}`" + (f" ({r.when})" if r.when else "") for r in reasons)
+
+    lines = ["| type | True | False / Unknown |", "|---|---|---|"]
+    for type_, (true, other) in status.CONDITION_REASONS.items():
+        lines.append(f"| `{type_}` | {cell(true)} | {cell(other)} |")
+    return "\n".join(lines) + "\n"
+
+
+def with_conditions_table(text: str) -> str:
+    """``text`` (docs/operator.md) with the generated table between the markers brought up to
+    date; raises ValueError when the markers are missing."""
+    head, found, rest = text.partition(CONDITIONS_BEGIN + "\n")
+    _, found_end, tail = rest.partition(CONDITIONS_END)
+    if not (found and found_end):
+        raise ValueError(f"markers {CONDITIONS_BEGIN!r} ... {CONDITIONS_END!r} not found")
+    return head + CONDITIONS_BEGIN + "\n" + conditions_table() + CONDITIONS_END + tail

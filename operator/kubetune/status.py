@@ -59,6 +59,62 @@ NO_GATES = "NoGates"
 NOT_EVALUATED = "NotEvaluated"
 SPEC_IMMUTABLE = "SpecImmutable"
 
+
+@dataclass(frozen=True)
+class Reason:
+    """A reason a condition can carry, and when; docs/operator.md's table is generated from
+    :data:`CONDITION_REASONS` (`make generate`)."""
+
+    name: str
+    when: str = ""
+
+
+_FAILURES = (
+    Reason(USER_ERROR, "exit 10"),
+    Reason(BACKOFF_LIMIT_EXCEEDED),
+    Reason(DEADLINE_EXCEEDED),
+    Reason(JOB_FAILED),
+)
+
+# Condition type -> (reasons with status True, reasons with status False or Unknown).
+CONDITION_REASONS: dict[str, tuple[tuple[Reason, ...], tuple[Reason, ...]]] = {
+    VALIDATED: (
+        (Reason(SPEC_VALID),),
+        (Reason(SPEC_INVALID, "message names each field: `spec.training.learningRate: ...`"),),
+    ),
+    SUSPENDED: ((Reason(JOB_SUSPENDED),), (Reason(NOT_SUSPENDED),)),
+    RUNNING: (
+        (Reason(TRAINER_RUNNING), Reason(RETRYING, "attempt > 1")),
+        (
+            Reason(POD_PENDING),
+            Reason(QUEUED, "Kueue has not admitted the Job yet; phase Pending"),
+            Reason(UNSCHEDULABLE),
+            Reason(IMAGE_PULL_FAILED),
+            Reason(CONTAINER_CONFIG_ERROR, "e.g. a missing Secret"),
+            Reason(RETRYING, "between attempts"),
+            Reason(JOB_SUSPENDED),
+            Reason(JOB_MISSING),
+            Reason(FINISHED),
+            *_FAILURES,
+        ),
+    ),
+    SUCCEEDED: ((Reason(TRAINING_COMPLETE),), _FAILURES),
+    FAILED: (
+        (*_FAILURES, Reason(SPEC_INVALID)),
+        (Reason(FINISHED),),
+    ),
+    GATES_PASSED: (
+        (Reason(ALL_GATES_PASSED), Reason(NO_GATES)),
+        (
+            Reason(GATE_FAILED, "each failed gate with its value"),
+            Reason(NOT_EVALUATED, "Unknown: the trainer's result or some gate results missing"),
+        ),
+    ),
+    SPEC_CHANGE_IGNORED: ((Reason(SPEC_IMMUTABLE, "which fields"),), ()),
+}
+# Reasons that only Events carry.
+EVENT_REASONS = (JOB_CREATED, JOB_RESUMED)
+
 # Container waiting reasons worth surfacing while a job is Pending.
 _WAITING_REASONS = {
     "ImagePullBackOff": IMAGE_PULL_FAILED,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,25 @@ def test_conditions_are_a_list_map_keyed_by_type() -> None:
         assert conditions["maxItems"] == api.MAX_CONDITIONS, kind
         # The API server requires map keys to be required (or defaulted) in the items.
         assert "type" in conditions["items"]["required"], kind
+
+
+def test_checked_in_conditions_table_matches_generator() -> None:
+    text = (ROOT / "docs" / "operator.md").read_text()
+    assert text == crd.with_conditions_table(text), f"docs/operator.md drifted: {REGENERATE}"
+
+
+def test_the_conditions_table_lists_every_reason_the_status_can_carry() -> None:
+    from kubetune import status
+
+    constants = {
+        value
+        for name, value in vars(status).items()
+        if name.isupper() and isinstance(value, str) and re.fullmatch(r"[A-Z][A-Za-z]+", value)
+    }
+    types = set(status.CONDITION_REASONS)
+    listed = {
+        reason.name
+        for true, other in status.CONDITION_REASONS.values()
+        for reason in (*true, *other)
+    }
+    assert constants - types - set(status.EVENT_REASONS) == listed

@@ -235,6 +235,7 @@ def test_make_generate_regenerates_every_generated_file_identically(tmp_path: Pa
         f"CRD_DIR={tmp_path}/crds",
         f"DOCS_FILE={tmp_path}/docs/api.md",
         f"CHART_CRD_DIR={tmp_path}/chart-crds",
+        f"OPERATOR_DOC={tmp_path}/docs/operator.md",
     )
     assert result.returncode == 0, result.stderr
     name = "finetunejobs.kubetune.io.yaml"
@@ -242,6 +243,7 @@ def test_make_generate_regenerates_every_generated_file_identically(tmp_path: Pa
         (tmp_path / "crds" / name, ROOT / "crds" / name),
         (tmp_path / "chart-crds" / name, ROOT / "helm/kubetune/crds" / name),
         (tmp_path / "docs" / "api.md", ROOT / "docs" / "api.md"),
+        (tmp_path / "docs" / "operator.md", ROOT / "docs" / "operator.md"),
     ):
         assert generated.read_bytes() == checked_in.read_bytes(), f"{checked_in}: run make generate"
 
