@@ -82,7 +82,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if loaded.problems:
         return EXIT_INVALID
-    config = settings.from_env()
+    try:
+        config = settings.from_env()
+    except settings.SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
     policy = api.Policy(allowedLicenses=config.allowed_licenses)
     objects = []
     for job in loaded.jobs:

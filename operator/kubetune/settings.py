@@ -1,84 +1,95 @@
 """Operator settings from the environment: the only place that reads env.
 
-The Helm chart sets these variables; `kubetune operator` flags override some of them.
+The Helm chart sets these variables; `kubetune operator` flags override some of them. Every
+field is read from ``KUBETUNE_<FIELD>`` (pydantic-settings); an empty value means the default.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+ENV_PREFIX = "KUBETUNE_"
+
+Port = Annotated[int, Field(gt=0, lt=65536)]
+Seconds = Annotated[float, Field(gt=0)]
 
 
 class SettingsError(ValueError):
     """A setting has a value the operator cannot use; the message names the variable."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="ignore"
+    )
+
     namespace: str = ""  # empty: watch every namespace
     trainer_image: str = DEFAULT_TRAINER_IMAGE
-    metrics_port: int = 8080
-    health_port: int = 8081
-    progress_interval: float = 10.0  # seconds between reads of a running trainer's /metrics
+    metrics_port: Port = 8080
+    health_port: Port = 8081
+    progress_interval: Seconds = 10.0  # seconds between reads of a running trainer's /metrics
     # At most one progress-only status patch per job per this many seconds; phase changes are
     # written at once. Lowered only by tests that want to see several progress updates.
-    progress_min_interval: float = 10.0
-    license_allowlist: tuple[str, ...] = field(default_factory=tuple)
+    progress_min_interval: Seconds = 10.0
+    # Comma-separated in the environment.
+    license_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
     log_format: Literal["plain", "json"] = "plain"
+
+    @field_validator("namespace", "trainer_image", "log_format", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("license_allowlist", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
 
     @property
     def allowed_licenses(self) -> list[str] | None:
         return list(self.license_allowlist) or None
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: expected an integer port, got {raw!r}") from None
-    if not 0 < value < 65536:
-        raise SettingsError(f"{name}: port {value} is outside 1-65535")
-    return value
+class _Given(Settings):
+    """Settings from explicit values only, not the process environment (``from_env(env)``)."""
 
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: expected seconds as a number, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name}: must be > 0 seconds, got {raw!r}")
-    return value
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
-    """Read KUBETUNE_* variables; raises SettingsError naming the variable at fault."""
-    env = os.environ if env is None else env
-    log_format = env.get("KUBETUNE_LOG_FORMAT", "plain").strip() or "plain"
-    if log_format not in ("plain", "json"):
-        raise SettingsError(f"KUBETUNE_LOG_FORMAT: expected plain or json, got {log_format!r}")
-    allow = tuple(
-        item.strip()
-        for item in env.get("KUBETUNE_LICENSE_ALLOWLIST", "").split(",")
-        if item.strip()
-    )
-    return Settings(
-        namespace=env.get("KUBETUNE_NAMESPACE", "").strip(),
-        trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
-        metrics_port=_int(env, "KUBETUNE_METRICS_PORT", 8080),
-        health_port=_int(env, "KUBETUNE_HEALTH_PORT", 8081),
-        progress_interval=_seconds(env, "KUBETUNE_PROGRESS_INTERVAL", 10.0),
-        progress_min_interval=_seconds(env, "KUBETUNE_PROGRESS_MIN_INTERVAL", 10.0),
-        license_allowlist=allow,
-        log_format="json" if log_format == "json" else "plain",
-    )
+    """Read KUBETUNE_* variables (``env``, default the process environment); raises
+    SettingsError naming the variable at fault."""
+    try:
+        if env is None:
+            return Settings()
+        values: dict[str, Any] = {
+            name: env[f"{ENV_PREFIX}{name.upper()}"].strip()
+            for name in Settings.model_fields
+            if env.get(f"{ENV_PREFIX}{name.upper()}", "").strip()
+        }
+        return Settings.model_construct(**dict(_Given(**values)))
+    except ValidationError as error:
+        item = error.errors()[0]
+        variable = f"{ENV_PREFIX}{str(item['loc'][0]).upper()}" if item["loc"] else ENV_PREFIX
+        raise SettingsError(f"{variable}: {item['msg']} (got {item['input']!r})") from None

@@ -58,3 +58,18 @@ def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
         settings.from_env({variable: value})
     assert str(error.value).startswith(f"{variable}: ")
     assert value in str(error.value)
+
+
+def test_render_with_a_bad_setting_is_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pathlib import Path
+
+    from kubetune import cli
+
+    monkeypatch.setenv("KUBETUNE_LOG_FORMAT", "xml")
+    example = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    assert cli.main(["render", str(example)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: KUBETUNE_LOG_FORMAT: Input should be 'plain' or 'json' (got 'xml')"
+    ]
