@@ -1,5 +1,5 @@
 """A Kubernetes API server for tests: kmock 0.8's KubernetesEmulator plus what kopf and kubectl
-need and kmock lacks (shared/notes/environment.md lists the gaps).
+need and kmock lacks (the gaps are listed below).
 
 kmock gives the HTTP server, discovery of the built-in kinds (its bundled resource list) and
 Kubernetes-style error bodies. This subclass serves every object request itself, with the

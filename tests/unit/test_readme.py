@@ -70,3 +70,19 @@ def test_the_demo_models_parameter_count_is_the_measured_one(readme: str) -> Non
     text = (ROOT / readme).read_text()
     counts = re.findall(r"([0-9][0-9,]*[0-9]k?) parameters", text)
     assert counts == [f"{measured:,}"]
+
+
+def test_nothing_cites_files_outside_this_repository() -> None:
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    outside = re.compile(r"DESIGN\.md|shared/notes|seed-guide")
+    cited = [
+        f"{name}:{number}"
+        for name in files
+        if name.endswith((".py", ".md", ".yaml", ".toml", ".sh", ".txt", ".tpl"))
+        and name != "tests/unit/test_readme.py"
+        for number, line in enumerate((ROOT / name).read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert cited == []

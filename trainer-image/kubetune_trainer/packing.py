@@ -7,11 +7,11 @@ position_ids, so a sample only sees itself. An all-ones 2D mask, or ``use_cache=
 silently let each sample attend to the ones before it (tests/unit/test_packing.py proves both).
 
 Why rows and not one flattened batch: without varlen kernels, attention over a row costs the
-square of the row's length, so one 8k-token row is ~6x slower than the same tokens in 1k rows
-(shared/notes/environment.md). We go one step further with :func:`varlen_attention`: the rows
-of a micro-batch are concatenated into one sequence (no padding at all, so linear layers see
-only real tokens) and attention runs per sample, so its cost grows with each sample's own
-length. On a GPU with flash-attention installed, flash_attention_2 does the same natively.
+square of the row's length, so one 8k-token row is ~6x slower than the same tokens in 1k rows.
+We go one step further with :func:`varlen_attention`: the rows of a micro-batch are concatenated
+into one sequence (no padding at all, so linear layers see only real tokens) and attention runs
+per sample, so its cost grows with each sample's own length. On a GPU with flash-attention
+installed, flash_attention_2 does the same natively.
 
 Loss masking: the first token of every sample gets label -100. Unpacked, that token is never a
 target (labels shift left by one); packed, it would otherwise be predicted from the previous

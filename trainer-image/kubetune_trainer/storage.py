@@ -1,10 +1,11 @@
 """Storage: one location root on S3 (boto3) or on a local disk (``file://`` or a plain path).
 
-The commit protocol (DESIGN.md): a folder - a checkpoint, an artifact set - is written object by
-object, and ``manifest.json`` (file list, sizes, sha256) goes LAST. A folder without its manifest
-does not exist for readers: :meth:`Storage.committed` lists only folders with one, and deletion
-removes the manifest FIRST. So a reader never sees half a checkpoint, on S3 (which has no
-rename) or on a disk, and a crash at any point leaves either the old state or the new one.
+The commit protocol (docs/storage.md): a folder - a checkpoint, an artifact set - is written
+object by object, and ``manifest.json`` (file list, sizes, sha256) goes LAST. A folder without
+its manifest does not exist for readers: :meth:`Storage.committed` lists only folders with one,
+and deletion removes the manifest FIRST. So a reader never sees half a checkpoint, on S3 (which
+has no rename) or on a disk, and a crash at any point leaves either the old state or the new
+one.
 
 Errors come out as :class:`~kubetune_trainer.errors.UserError` (not found, access denied,
 missing bucket: retrying cannot help) or :class:`~kubetune_trainer.errors.InfraError`
