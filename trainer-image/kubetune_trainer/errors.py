@@ -17,10 +17,6 @@ class TrainerError(Exception):
 
     exit_code: int = api.EXIT_INFRA_ERROR
 
-    @property
-    def message(self) -> str:
-        return str(self)
-
 
 class UserError(TrainerError):
     """Bad spec or data: retrying cannot help, the job fails at once."""

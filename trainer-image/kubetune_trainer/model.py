@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,6 @@ from .packing import VARLEN, register_varlen
 LORA_ALL_LINEAR = "all-linear"
 # Heads are never adapted by all-linear (as in peft): they tie to embeddings in many models.
 _HEADS = ("lm_head", "embed_out", "output")
-
-
-@dataclass
-class Loaded:
-    model: Any  # PreTrainedModel, or a PeftModel once the method is applied
-    tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
-    model_dir: Path
-    weights_hash: str
-    revision: str | None
 
 
 def pick_device() -> torch.device:

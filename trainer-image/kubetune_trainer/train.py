@@ -25,7 +25,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,7 +60,6 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. base metrics, kept on resume
 
 
 @dataclass
@@ -408,7 +407,9 @@ def _restore(
         torch.cuda.set_rng_state_all(rng["cuda"])
     record = json.loads((folder / "state.json").read_text())
     random.setstate(_tupled(record.pop("python_rng")))
-    return TrainState(**record)
+    # Older checkpoints carry fields TrainState no longer has (e.g. an unused "extra").
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in record.items() if k in known})
 
 
 def _by_name(
