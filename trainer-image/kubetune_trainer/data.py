@@ -35,6 +35,7 @@ from kubetune import api
 from kubetune.policy import license_problem
 
 from .errors import UserError
+from .storage import sha256_file
 
 FORMATS = ("alpaca", "chat", "prompt-completion")
 ROLES = ("system", "user", "assistant")
@@ -186,14 +187,6 @@ def _parquet_rows(path: Path, field: str) -> Iterator[tuple[int, Any]]:
                 yield number, record
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{field}: {path.name}: not a readable parquet file: {exc}") from None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(4 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,12 +32,11 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from kubetune import api
-from kubetune_trainer.data import Example, encode, prompt_ids
+from kubetune_trainer.data import IGNORE_INDEX, Example, encode, prompt_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 TOKEN_METRICS = frozenset({"loss", "perplexity", "tokenAccuracy"})
 GENERATION_METRICS = frozenset({"exactMatch", "rougeL"})
 # exp() overflows a float past ~709; a loss that high means the model is broken, not better.

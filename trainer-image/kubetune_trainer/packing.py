@@ -30,7 +30,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from .data import IGNORE_INDEX
+
 VARLEN = "kubetune_varlen"
 
 
@@ -121,7 +122,7 @@ class Batch:
 def _sample_labels(sample: EncodedLike) -> list[int]:
     labels = list(sample.labels)
     if labels:
-        labels[0] = IGNORE
+        labels[0] = IGNORE_INDEX
     return labels
 
 
@@ -157,7 +158,7 @@ def collate(
             positions += list(range(len(sample.input_ids)))
         seqs.append((ids, labels, positions, bounds))
     real = sum(len(s[0]) for s in seqs)
-    targets = sum(sum(1 for x in s[1] if x != IGNORE) for s in seqs)
+    targets = sum(sum(1 for x in s[1] if x != IGNORE_INDEX) for s in seqs)
     if mode == "flat":
         ids, labels, positions, segments = [], [], [], [0]
         for row_ids, row_labels, row_positions, _ in seqs:
@@ -174,7 +175,7 @@ def collate(
         return Batch(inputs, targets, real, real)
     width = max(len(s[0]) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    label_t = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    label_t = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
     position_t = torch.zeros((len(seqs), width), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, (ids, labels, positions, _) in enumerate(seqs):

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kubetune import api
-from kubetune_trainer.data import Example, prompt_ids
+from kubetune_trainer.data import IGNORE_INDEX, Example, prompt_ids
 from kubetune_trainer.errors import UserError
 from kubetune_trainer.evaluate import (
-    IGNORE_INDEX,
     TokenSums,
     batches,
     greedy_generate,

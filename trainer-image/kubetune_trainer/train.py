@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from kubetune import api
 
 from . import packing
+from .data import IGNORE_INDEX
 from .errors import Preempted
 from .interrupts import Interrupts
 from .model import is_sharded, trainable_parameters
@@ -464,14 +465,14 @@ def _loss_sum(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         # One flat sequence: run the output head only where a target follows (completion
         # tokens). The head is a large share of a step (vocab x hidden per token) and most
         # positions are prompt.
-        keep = (labels[0, 1:] != packing.IGNORE).nonzero().squeeze(-1)
+        keep = (labels[0, 1:] != IGNORE_INDEX).nonzero().squeeze(-1)
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[0]
         return F.cross_entropy(logits.float(), labels[0, keep + 1], reduction="sum")
     logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
         labels[:, 1:].reshape(-1),
-        ignore_index=packing.IGNORE,
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
