@@ -3,20 +3,22 @@ enough to check the planner where weights and optimizer state matter (~23M param
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def larger_model(folder: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from tests.support.tiny_model import save_tiny_llama
 
     if (folder / "config.json").exists():
         return folder
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "demo-model")
+    return save_tiny_llama(
+        folder,
+        tokenizer,
         hidden_size=512,
         intermediate_size=1408,
         num_hidden_layers=4,
@@ -29,7 +31,3 @@ def larger_model(folder: Path) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ROOT / "examples" / "demo-model" / name, folder / name)
-    return folder
