@@ -164,3 +164,33 @@ def test_table_lists_the_best_first() -> None:
     lines = sweep.format_table(s, records).splitlines()
     assert lines[0].split()[:3] == ["#", "trial", "phase"]
     assert lines[1].split()[:2] == ["1", "lr-t001"]
+
+
+def test_tradeoff_rows_put_results_next_to_the_plan() -> None:
+    from kubetune_trainer.sweep_local import format_tradeoff, tradeoff_rows
+
+    rows = [
+        {
+            "name": "t-t000",
+            "phase": "Succeeded",
+            "objective": 0.6,
+            "params": {"method.type": "lora"},
+            "metrics": {
+                "tuned": {"loss": 0.6, "exactMatch": 0.5},
+                "delta": {"oodPerplexityRatio": 1.1},
+            },
+            "trainableParameters": 74752,
+            "planTrainableParameters": 74752,
+            "peakMemoryBytes": 900 * 2**20,
+            "planMemoryBytes": 100 * 2**20,
+            "wallSeconds": 60.0,
+            "artifactBytes": 2**20,
+        },
+        {"name": "t-t001", "phase": "Failed", "params": {"method.type": "qlora"}},
+    ]
+    table = tradeoff_rows(spec(), rows)
+    assert table[0]["method"] == "lora" and table[0]["oodPerplexityRatio"] == 1.1
+    assert table[1]["objective"] is None and table[1]["tuned"] == {}
+    lines = format_tradeoff(table).splitlines()
+    assert lines[1].split()[:5] == ["lora", "0.6", "0.6", "0.5", "1.1"]
+    assert "900" in lines[1] and "100" in lines[1] and lines[2].split() == ["qlora"]

@@ -234,6 +234,7 @@ class LocalSweep:
             extras["artifactBytes"] = _artifact_bytes(status)
             extras["metrics"] = status.metrics.to_api() if status.metrics else {}
             extras["artifacts"] = status.artifacts.to_api() if status.artifacts else {}
+            extras.update(plan_columns(sweep_api.trial_spec(self.spec, record.params)))
         else:
             pruned = run.stopping and kind == "stopped"
             done = TrialRecord(
@@ -328,15 +329,108 @@ class LocalSweep:
         rows = []
         for record in sweep.ranked(self.spec, self.finished):
             rows.append({**sweep.row(record).to_api(), **self.extras.get(record.name, {})})
-        report = {
+        report: dict[str, Any] = {
             "name": self.name,
             "spec": self.spec.to_api(),
             "status": status.to_api(),
             "trials": rows,
             "importance": importance,
         }
+        if any(p.path == "method.type" for p in self.spec.parameters):
+            report["tradeoff"] = tradeoff_rows(self.spec, rows)
+            self.say("\ntrade-off (plan: the estimate before launch; peak: measured)")
+            self.say(format_tradeoff(report["tradeoff"]))
         _write_json(self.root / REPORT, report)
         plot(self.spec, self.finished, importance, self.root)
+
+
+def plan_columns(spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    """The planner's estimate for this trial's spec (local model folders only)."""
+    from kubetune import plan as planner
+
+    source = spec.model.source
+    if source.startswith("s3://"):
+        return {}
+    try:
+        config, tensors = planner.read_model(Path(source.removeprefix("file://")))
+    except (OSError, ValueError, KeyError):
+        return {}
+    estimate = planner.estimate(
+        config, tensors, spec, device_memory=None, on_gpu=spec.resources.gpus > 0
+    )
+    chosen = estimate.get(planner.requested_method(spec))
+    return {
+        "planMethod": chosen.method,
+        "planTrainableParameters": chosen.trainable,
+        "planMemoryBytes": chosen.memory.total,
+    }
+
+
+def tradeoff_rows(
+    spec: sweep_api.FineTuneSweepSpec, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per method: results and costs side by side with the plan's estimates."""
+    out = []
+    for row in rows:
+        metrics = row.get("metrics", {})
+        out.append(
+            {
+                "method": row["params"].get("method.type"),
+                "trial": row["name"],
+                "phase": row["phase"],
+                "objective": row.get("objective"),
+                "tuned": metrics.get("tuned", {}),
+                "oodPerplexityRatio": metrics.get("delta", {}).get("oodPerplexityRatio"),
+                "trainableParameters": row.get("trainableParameters"),
+                "planTrainableParameters": row.get("planTrainableParameters"),
+                "peakMemoryBytes": row.get("peakMemoryBytes"),
+                "planMemoryBytes": row.get("planMemoryBytes"),
+                "wallSeconds": row.get("wallSeconds"),
+                "artifactBytes": row.get("artifactBytes"),
+            }
+        )
+    return out
+
+
+def format_tradeoff(rows: list[dict[str, Any]]) -> str:
+    def num(value: Any, scale: float = 1.0, fmt: str = "{:.4g}") -> str:
+        return "" if value is None else fmt.format(value / scale)
+
+    header = [
+        "method",
+        "objective",
+        "tuned.loss",
+        "tuned.EM",
+        "oodPplRatio",
+        "trainable",
+        "plan.trainable",
+        "peak MiB",
+        "plan MiB",
+        "wall s",
+        "artifact MiB",
+    ]
+    lines = [header]
+    for r in rows:
+        tuned = r["tuned"]
+        lines.append(
+            [
+                str(r["method"]),
+                num(r["objective"]),
+                num(tuned.get("loss")),
+                num(tuned.get("exactMatch")),
+                num(r["oodPerplexityRatio"]),
+                num(r["trainableParameters"], fmt="{:.0f}"),
+                num(r["planTrainableParameters"], fmt="{:.0f}"),
+                num(r["peakMemoryBytes"], 2**20, "{:.0f}"),
+                num(r["planMemoryBytes"], 2**20, "{:.0f}"),
+                num(r["wallSeconds"], fmt="{:.1f}"),
+                num(r["artifactBytes"], 2**20, "{:.2f}"),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 def plot(
