@@ -28,13 +28,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kubetune import api
 from kubetune.sweep_api import (
+    KIND,
     BestTrial,
+    FineTuneSweep,
     FineTuneSweepSpec,
     FineTuneSweepStatus,
     ParameterSpec,
     TrialPhase,
     TrialRow,
     planned_trials,
+    trial_name,
+    trial_number,
+    trial_spec,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -255,8 +260,6 @@ def plan_new_trials(
 ) -> list[NewTrial]:
     """Trials to create now: at most parallelism - active, never past maxTrials, and none
     once the sweep has failed. Numbers continue after the highest existing one."""
-    from kubetune.sweep_api import trial_name
-
     if failed_too_often(spec, records):
         return []
     active = sum(r.phase in ACTIVE for r in records)
@@ -464,3 +467,74 @@ def summarize(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> FineTu
         best=top,
         trials=[row(r) for r in sorted(records, key=lambda r: r.number)],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# trials as FineTuneJobs (the cluster's side; pure: the caller lists and creates them)
+
+LABEL_SWEEP = "kubetune.io/finetunesweep"  # the owning sweep's name, on every trial
+ANNOTATION_PARAMS = "kubetune.io/trial-params"  # the trial's parameters (JSON)
+ANNOTATION_PRUNED = "kubetune.io/pruned"  # set (with spec.suspend) when the sweep prunes it
+
+
+def trial_job(sweep_obj: FineTuneSweep, uid: str, new: NewTrial) -> dict[str, Any]:
+    """The FineTuneJob of one new trial: deterministic name, owned by the sweep (the garbage
+    collector deletes trials with their sweep), parameters recorded on it."""
+    spec = trial_spec(sweep_obj.spec, new.params, new.name)
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {
+            "name": new.name,
+            "namespace": sweep_obj.metadata.namespace or "default",
+            "labels": {LABEL_SWEEP: sweep_obj.metadata.name},
+            "annotations": {ANNOTATION_PARAMS: json.dumps(new.params, sort_keys=True)},
+            "ownerReferences": [
+                {
+                    "apiVersion": api.API_VERSION,
+                    "kind": KIND,
+                    "name": sweep_obj.metadata.name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec.to_api(),
+    }
+
+
+def records_from_jobs(
+    spec: FineTuneSweepSpec, jobs: Iterable[Mapping[str, Any]]
+) -> list[TrialRecord]:
+    """Trial records from the sweep's FineTuneJobs as the API server returns them; objects
+    that are not trials of this sweep (no number or no parameters) are skipped."""
+    records = []
+    for job in jobs:
+        meta = job.get("metadata", {})
+        number = trial_number(str(meta.get("name", "")))
+        try:
+            params = json.loads((meta.get("annotations") or {}).get(ANNOTATION_PARAMS, ""))
+        except ValueError:
+            continue
+        if number is None or not isinstance(params, dict):
+            continue
+        try:
+            status = api.FineTuneJobStatus.model_validate(job.get("status") or {})
+        except ValueError:
+            status = api.FineTuneJobStatus()
+        # A trial that finished before the suspend took effect keeps its result.
+        pruned = (meta.get("annotations") or {}).get(ANNOTATION_PRUNED) == "true" and (
+            status.phase not in ("Succeeded", "Failed")
+        )
+        records.append(
+            record_from_status(
+                number, meta["name"], params, status, spec.objective.metric, pruned=pruned
+            )
+        )
+    return sorted(records, key=lambda r: r.number)
+
+
+def prune_patch() -> dict[str, Any]:
+    """What stops a pruned trial: suspend it (its pods go; it can be inspected and resumed)."""
+    return {"metadata": {"annotations": {ANNOTATION_PRUNED: "true"}}, "spec": {"suspend": True}}

@@ -194,3 +194,45 @@ def test_tradeoff_rows_put_results_next_to_the_plan() -> None:
     lines = format_tradeoff(table).splitlines()
     assert lines[1].split()[:5] == ["lora", "0.6", "0.6", "0.5", "1.1"]
     assert "900" in lines[1] and "100" in lines[1] and lines[2].split() == ["qlora"]
+
+
+def test_trial_jobs_round_trip_through_the_api_form() -> None:
+    document = yaml.safe_load((ROOT / "examples" / "lr-sweep.yaml").read_text())
+    document["metadata"]["namespace"] = "ml"
+    sweep_obj = sweep_api.parse_sweep(document)
+    (first, second) = sweep.plan_new_trials(sweep_obj.spec, "lr-sweep", [])
+    jobs = [sweep.trial_job(sweep_obj, "uid-1", t) for t in (first, second)]
+    job = jobs[0]
+    assert job["metadata"]["name"] == "lr-sweep-t000" and job["metadata"]["namespace"] == "ml"
+    assert job["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "name": "lr-sweep",
+        "uid": "uid-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert job["spec"]["output"]["destination"].endswith("/out/lr-sweep/lr-sweep-t000")
+    assert job["spec"]["method"]["lora"]["r"] == first.params["method.lora.r"]
+    api.parse_job(job)  # a valid FineTuneJob as the API server would read it
+    # as listed back: one running with an eval curve, one finished and pruned after the fact
+    jobs[0]["status"] = {
+        "phase": "Running",
+        "progress": {"step": 10, "evalHistory": [{"step": 10, "evalLoss": 2.0}]},
+    }
+    jobs[1]["status"] = {"phase": "Succeeded", "progress": {"evalLoss": 1.5}}
+    jobs[1]["metadata"]["annotations"][sweep.ANNOTATION_PRUNED] = "true"
+    records = sweep.records_from_jobs(sweep_obj.spec, [jobs[1], jobs[0], {"metadata": {}}])
+    assert [(r.name, r.phase) for r in records] == [
+        ("lr-sweep-t000", "Running"),
+        ("lr-sweep-t001", "Succeeded"),
+    ]
+    assert records[0].params == first.params and dict(records[0].curve) == {10: 2.0}
+    assert records[1].objective == 1.5
+    # the next round from what is listed: exactly the trials a fresh planner would make
+    again = sweep.plan_new_trials(sweep_obj.spec, "lr-sweep", records)
+    assert [t.name for t in again] == ["lr-sweep-t002"]
+    jobs[0]["metadata"]["annotations"][sweep.ANNOTATION_PRUNED] = "true"
+    jobs[0]["status"]["phase"] = "Suspended"
+    (pruned, _) = sweep.records_from_jobs(sweep_obj.spec, jobs)
+    assert pruned.phase == "Pruned" and "step 10" in (pruned.message or "")
