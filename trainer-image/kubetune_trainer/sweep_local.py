@@ -22,6 +22,7 @@ import queue
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -65,6 +66,7 @@ def _child(config_json: str, base_dir: str, log_path: str, events: Any) -> None:
     except TrainerError as exc:
         events.put(("failed", str(exc)))
     except Exception as exc:  # reported as the trial's failure, with the type
+        traceback.print_exc()  # into the trial's train.log
         events.put(("failed", f"internal error: {type(exc).__name__}: {exc}"))
     else:
         report = result.report
