@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.kmock_adapter import Counters, Kube  # noqa: E402
-from tests.support.kubelet import free_port  # noqa: E402
+from tests.support.kmock_kubelet import free_port  # noqa: E402
 from tests.support.operator_harness import FTJ, Cluster  # noqa: E402
 
 OPERATOR_CLIENTS = ("kopf", "kubetune-operator")

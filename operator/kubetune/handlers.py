@@ -278,6 +278,8 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
             prefix=api.GROUP, key="last-handled-configuration"
         )
         settings.peering.standalone = True  # one replica; no peering CRDs to install
+        # No CRD scanning unless granted: the chart's RBAC has no list/watch on CRDs by default.
+        settings.scanning.disabled = not config.watch_crds
         settings.posting.enabled = True  # kopf.event() -> Kubernetes Events
         settings.posting.level = logging.INFO
         settings.posting.reporting_component = "kubetune-operator"

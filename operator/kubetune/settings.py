@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Comma-separated in the environment.
     license_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
     log_format: Literal["plain", "json"] = "plain"
+    # kopf's CRD scanning (notices CRDs installed after the start) needs list/watch on
+    # customresourcedefinitions: on only where the chart grants it (rbac.watchCRDs).
+    watch_crds: bool = False
 
     @field_validator("namespace", "trainer_image", "log_format", mode="before")
     @classmethod

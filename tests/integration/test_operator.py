@@ -19,7 +19,7 @@ import yaml
 
 from kubetune import api
 from tests.support.crd_schema import schema_errors
-from tests.support.kubelet import free_port
+from tests.support.kmock_kubelet import free_port
 from tests.support.operator_harness import FTJ, Cluster, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,237 +1,324 @@
-"""A Job controller and kubelet for the Kubernetes emulator: runs each Job's container command
-as a local process.
+"""The process kubelet: a Node of the test cluster whose pods are local processes.
 
-Per Job (single pod; what kubetune's single-node Jobs need), polling the emulator over HTTP:
+Everything else is the real control plane: the Job controller makes the pods, the garbage
+collector removes them, the API server evicts them. This process plays only the node:
 
-- creates a Pod object from the template (owner reference to the Job, so deleting the Job
-  garbage-collects it), reports Pending, then Running with ``podIP`` 127.0.0.1;
-- runs the container's command locally: ``python`` is this interpreter; the ConfigMap volume is
-  written to a temp dir and paths under its mount are rewritten; emptyDir mounts become temp
-  dirs; env comes from ``value``, ``secretKeyRef`` (read from the Secret) and ``fieldRef``;
-  the trainer's metrics port and termination-log path are given by env (the pod's ``metrics``
-  containerPort is set to the same free port, which is where the operator scrapes);
-- on exit: the termination message file is read back (or the log tail when it is empty, as
-  ``FallbackToLogsOnError``); the pod goes Succeeded/Failed with the exit code; the Job's
-  counters and conditions follow ``podFailurePolicy`` and ``backoffLimit`` (Ignore: not counted,
-  a new pod; FailJob: Failed at once; otherwise counted and retried while the limit allows);
-- ``suspend: true`` stops the process (SIGTERM) and removes the pod; a deleted Job or Pod stops
-  its process.
+- registers Node ``--node`` as ``system:node:<node>`` (the Node authorizer limits it to its own
+  pods, and to the ConfigMaps and Secrets they reference) with a Ready condition and capacity
+  cpu, memory, pods and ``nvidia.com/gpu: 8``;
+- schedules: binds each unscheduled pod to the node (pods/binding, as ``system:kube-scheduler``);
+- runs each bound pod's first container as a local process in ``--workdir/<ns>/<pod>/``:
+  ``python`` is this interpreter and ``torchrun`` its ``torch.distributed.run``; ConfigMap,
+  Secret and emptyDir volumes become directories there, and every path under a mount, in the
+  command and in env values, is rewritten to that directory; env from ``value``,
+  ``secretKeyRef``, ``configMapKeyRef`` and ``fieldRef``; ``$(VAR)`` in command and args is
+  expanded as Kubernetes does; the terminationMessagePath is given as env
+  KUBETUNE_TERMINATION_LOG;
+- networking: each pod gets its own loopback address (127.77.x.y) as ``podIP``, given to the
+  process as KUBETUNE_METRICS_HOST (the trainer binds /metrics there, so pods do not collide
+  on the port); the DNS name of a pod behind a headless Service
+  (``<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]``) in the command or env is rewritten to
+  that pod's address, as cluster DNS would resolve it;
+- reports pods/status: phase, conditions, containerStatuses with
+  ``terminated.exitCode/reason/message`` (the termination message file, or the log tail when it
+  is empty and the policy is FallbackToLogsOnError);
+- honours deletion: SIGTERM to the process group, SIGKILL after the pod's grace period, reports
+  the terminal status, then deletes the pod with grace 0 (as a kubelet does).
 
-``kill(job, signal)`` simulates a node problem killing the trainer mid-run.
+Each pod's process id is in ``<workdir>/<ns>/<pod>/pid`` (a test may SIGKILL it, as a node
+problem would) and its output in ``.../log``. Eviction is the API server's: POST
+pods/NAME/eviction adds the DisruptionTarget condition and deletes the pod (:func:`evict`).
+
+    python -m tests.support.kubelet --kubeconfig K --scheduler-kubeconfig S --workdir D --node N
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
+import json
 import os
-import random
+import re
 import shlex
-import signal as signals
-import socket
-import string
+import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.support.kmock_adapter import ApiStatus, Kube
+from tests.support.kube import ApiStatus, Kube
 
 TERMINATION_TAIL = 2048
+CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "250", "nvidia.com/gpu": "8"}
+IP_PREFIX = "127.77"
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def evict(kube: Kube, namespace: str, pod: str) -> None:
+    """Evict a pod through the Eviction API: the API server marks it DisruptionTarget
+    (reason EvictionByEvictionAPI) and deletes it; the kubelet then stops its process."""
+    kube.create(
+        "v1",
+        "pods",
+        namespace,
+        {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod, "namespace": namespace},
+        },
+        sub=f"{pod}/eviction",
+    )
+
+
+def pod_dir(workdir: Path, namespace: str, pod: str) -> Path:
+    return workdir / namespace / pod
+
+
+def kill(workdir: Path, namespace: str, pod: str, sig: int = signal.SIGKILL) -> None:
+    """Signal a pod's process group, as a node problem (OOM killer, crash) would."""
+    pid = int((pod_dir(workdir, namespace, pod) / "pid").read_text())
+    os.killpg(pid, sig)
+
+
+class CannotStart(Exception):
+    """The pod's container cannot be created (e.g. a missing Secret): CreateContainerConfigError."""
 
 
 @dataclass
 class Run:
-    """One pod and its local process."""
-
+    uid: str
     namespace: str
-    job: str
     pod: str
     process: subprocess.Popen[bytes]
     root: Path
     termination: Path
     log: Path
-    port: int
+    started: str
+    policy: str
+    kill_at: float | None = None  # SIGKILL deadline once deletion began
+    reported: bool = False
 
 
-@dataclass
 class Kubelet:
-    kube: Kube
-    workdir: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
-    poll: float = 0.2
-    runs: dict[tuple[str, str], Run] = field(default_factory=dict)  # (namespace, job) -> run
-    logs: list[Path] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-    errors: list[BaseException] = field(default_factory=list)
+    def __init__(self, kube: Kube, scheduler: Kube, workdir: Path, node: str, poll: float = 0.2):
+        self.kube, self.scheduler, self.workdir, self.node = kube, scheduler, workdir, node
+        self.poll = poll
+        self.runs: dict[str, Run] = {}  # pod uid -> run
+        self.ips: dict[str, str] = {}  # pod uid -> loopback address
+        self.waiting: dict[str, str] = {}  # pod uid -> reason last reported
+        self.stopping = threading.Event()
 
-    # ---- lifecycle
+    # ---- node
 
-    def start(self) -> Kubelet:
-        self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        for run in list(self.runs.values()):
-            self._terminate(run, signals.SIGKILL)
-
-    def kill(self, namespace: str, job: str, sig: int = signals.SIGKILL) -> None:
-        run = self.runs.get((namespace, job))
-        if run is None:
-            raise KeyError(f"no running pod for job {namespace}/{job}")
-        run.process.send_signal(sig)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sync()
-            except Exception as error:  # keep serving; tests assert on .errors
-                self.errors.append(error)
-            self._stop.wait(self.poll)
-
-    # ---- reconciliation
-
-    def sync(self) -> None:
-        jobs = {
-            (j["metadata"]["namespace"], j["metadata"]["name"]): j
-            for j in self.kube.list("batch/v1", "jobs")
-        }
-        for key, run in list(self.runs.items()):
-            if key not in jobs or self.kube.get("v1", "pods", run.namespace, run.pod) is None:
-                self._terminate(run, signals.SIGKILL)  # Job or Pod deleted
-                del self.runs[key]
-        for key, job in jobs.items():
-            current = self.runs.get(key)
-            if current is not None and current.process.poll() is not None:
-                del self.runs[key]
-                self._finished(job, current)
-                continue
-            if _condition(job, "Complete") or _condition(job, "Failed"):
-                continue
-            if job["spec"].get("suspend"):
-                self._suspend(job, current)
-                continue
-            if current is None:
-                self._start(job)
-
-    def _suspend(self, job: dict[str, Any], run: Run | None) -> None:
-        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        if run is not None:
-            self._terminate(run, signals.SIGTERM)
-            del self.runs[(ns, name)]
-            with contextlib.suppress(ApiStatus):
-                self.kube.delete("v1", "pods", ns, run.pod)
-        if not _condition(job, "Suspended"):
-            self._job_status(job, active=0, conditions=[_cond("Suspended", "JobSuspended")])
-
-    def _start(self, job: dict[str, Any]) -> None:
-        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        template = job["spec"]["template"]
-        suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
-        pod_name = f"{name}-{suffix}"
-        port = free_port()
-        spec = _with_port(template["spec"], port)
-        labels = dict(template["metadata"].get("labels") or {})
-        labels.update({"batch.kubernetes.io/job-name": name, "job-name": name})
-        pod = {
+    def register(self) -> None:
+        node = {
             "apiVersion": "v1",
-            "kind": "Pod",
+            "kind": "Node",
             "metadata": {
-                "name": pod_name,
-                "namespace": ns,
-                "labels": labels,
-                "annotations": dict(template["metadata"].get("annotations") or {}),
-                "ownerReferences": [
-                    {
-                        "apiVersion": "batch/v1",
-                        "kind": "Job",
-                        "name": name,
-                        "uid": job["metadata"]["uid"],
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
+                "name": self.node,
+                "labels": {"kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux"},
             },
-            "spec": spec,
         }
-        self.kube.create("v1", "pods", ns, pod)
-        self.kube.patch("v1", "pods", ns, pod_name, {"status": {"phase": "Pending"}}, sub="status")
-        # Drop a lingering Suspended condition: the Job runs again.
-        conds = [
-            c for c in job.get("status", {}).get("conditions") or [] if c["type"] != "Suspended"
-        ]
-        self._job_status(job, active=1, conditions=conds, replace_conditions=True)
-        root = self.workdir / pod_name
-        try:
-            argv, env = self._container(ns, pod_name, spec, root, port)
-        except ApiStatus as error:  # e.g. a missing Secret: the kubelet cannot start it
-            self.kube.patch(
-                "v1",
-                "pods",
-                ns,
-                pod_name,
-                {"status": _waiting("CreateContainerConfigError", str(error))},
-                sub="status",
-            )
-            return
-        log = root / "log"
-        termination = Path(env["KUBETUNE_TERMINATION_LOG"])
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                argv,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=root,
-                start_new_session=True,
-            )
-        self.logs.append(log)
-        self.runs[(ns, name)] = Run(ns, name, pod_name, process, root, termination, log, port)
+        with contextlib.suppress(ApiStatus):
+            self.kube.create("v1", "nodes", None, node)
         self.kube.patch(
             "v1",
-            "pods",
-            ns,
-            pod_name,
+            "nodes",
+            None,
+            self.node,
             {
                 "status": {
-                    "phase": "Running",
-                    "podIP": "127.0.0.1",
-                    "startTime": _now(),
-                    "containerStatuses": [
+                    "capacity": CAPACITY,
+                    "allocatable": CAPACITY,
+                    "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                    "conditions": [
                         {
-                            "name": "trainer",
-                            "ready": True,
-                            "restartCount": 0,
-                            "state": {"running": {"startedAt": _now()}},
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "KubeletReady",
+                            "message": "process kubelet is posting ready status",
+                            "lastHeartbeatTime": now(),
+                            "lastTransitionTime": now(),
                         }
                     ],
+                    "nodeInfo": {"kubeletVersion": "process", "operatingSystem": "linux"},
                 }
             },
             sub="status",
         )
 
-    def _container(
-        self, ns: str, pod: str, spec: dict[str, Any], root: Path, port: int
-    ) -> tuple[list[str], dict[str, str]]:
+    # ---- loop
+
+    def serve(self) -> None:
+        self.register()
+        while not self.stopping.is_set():
+            try:
+                self.schedule()
+                self.sync()
+            except Exception as error:  # keep serving; the log says why
+                print(f"kubelet: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            self.stopping.wait(self.poll)
+        for run in list(self.runs.values()):
+            self._signal(run, signal.SIGKILL)
+
+    def schedule(self) -> None:
+        pending = self.scheduler.list("v1", "pods", fields="spec.nodeName=,status.phase=Pending")
+        for pod in pending:
+            meta = pod["metadata"]
+            if pod["spec"].get("schedulingGates") or meta.get("deletionTimestamp"):
+                continue
+            binding = {
+                "apiVersion": "v1",
+                "kind": "Binding",
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
+            }
+            with contextlib.suppress(ApiStatus):  # gone or bound meanwhile
+                self.scheduler.create(
+                    "v1", "pods", meta["namespace"], binding, sub=f"{meta['name']}/binding"
+                )
+
+    def sync(self) -> None:
+        pods = self.kube.list("v1", "pods", fields=f"spec.nodeName={self.node}")
+        seen = set()
+        for pod in pods:
+            uid = pod["metadata"]["uid"]
+            seen.add(uid)
+            run = self.runs.get(uid)
+            deleting = bool(pod["metadata"].get("deletionTimestamp"))
+            phase = pod.get("status", {}).get("phase")
+            if run is None:
+                if deleting:
+                    self._remove(pod)
+                elif phase not in ("Succeeded", "Failed"):
+                    self._start(pod)
+                continue
+            if deleting and run.process.poll() is None:
+                if run.kill_at is None:
+                    grace = pod["metadata"].get("deletionGracePeriodSeconds", 30)
+                    run.kill_at = time.monotonic() + grace
+                    self._signal(run, signal.SIGTERM)
+                elif time.monotonic() >= run.kill_at:
+                    self._signal(run, signal.SIGKILL)
+            if run.process.poll() is not None and not run.reported:
+                self._finished(pod, run)
+            if run.reported and deleting:
+                self._remove(pod)
+        for uid in set(self.runs) - seen:  # deleted (force) while we looked away
+            self._signal(self.runs.pop(uid), signal.SIGKILL)
+
+    def _remove(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        self.runs.pop(meta["uid"], None)
+        body = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": meta["uid"]},
+        }
+        with contextlib.suppress(ApiStatus):
+            self.kube.request(
+                "DELETE", Kube.path("v1", "pods", meta["namespace"], meta["name"]), body
+            )
+
+    # ---- starting
+
+    def ip(self, uid: str) -> str:
+        if uid not in self.ips:
+            n = len(self.ips) + 2
+            self.ips[uid] = f"{IP_PREFIX}.{n // 250}.{n % 250 + 1}"
+        return self.ips[uid]
+
+    def _start(self, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        root = pod_dir(self.workdir, ns, name)
+        root.mkdir(parents=True, exist_ok=True)
         container = spec["containers"][0]
+        try:
+            argv, env = self._container(pod, container, root)
+        except CannotStart as error:
+            if self.waiting.get(uid) != str(error):
+                self.waiting[uid] = str(error)
+                self._status(
+                    pod,
+                    {
+                        "phase": "Pending",
+                        "containerStatuses": [
+                            _container_status(
+                                container,
+                                {
+                                    "waiting": {
+                                        "reason": "CreateContainerConfigError",
+                                        "message": str(error),
+                                    }
+                                },
+                            )
+                        ],
+                    },
+                )
+            return
+        log = root / "log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=root,
+                start_new_session=True,
+            )
+        (root / "pid").write_text(str(process.pid))
+        started = now()
+        run = Run(
+            uid,
+            ns,
+            name,
+            process,
+            root,
+            Path(env["KUBETUNE_TERMINATION_LOG"]),
+            log,
+            started,
+            container.get("terminationMessagePolicy", "File"),
+        )
+        self.runs[uid] = run
+        ip = self.ip(uid)
+        self._status(
+            pod,
+            {
+                "phase": "Running",
+                "hostIP": "127.0.0.1",
+                "hostIPs": [{"ip": "127.0.0.1"}],
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "startTime": started,
+                "conditions": [
+                    _cond("PodReadyToStartContainers"),
+                    _cond("Initialized"),
+                    _cond("Ready"),
+                    _cond("ContainersReady"),
+                    _cond("PodScheduled"),
+                ],
+                "containerStatuses": [
+                    _container_status(container, {"running": {"startedAt": started}}, ready=True)
+                ],
+            },
+        )
+
+    def _container(
+        self, pod: dict[str, Any], container: dict[str, Any], root: Path
+    ) -> tuple[list[str], dict[str, str]]:
+        meta, spec = pod["metadata"], pod["spec"]
+        ns = meta["namespace"]
         volumes = {v["name"]: v for v in spec.get("volumes") or []}
         mounts: dict[str, str] = {}  # container path -> local path
         for mount in container.get("volumeMounts") or []:
@@ -239,204 +326,203 @@ class Kubelet:
             local = root / "volumes" / mount["name"]
             local.mkdir(parents=True, exist_ok=True)
             if "configMap" in volume:
-                cm = self.kube.get("v1", "configmaps", ns, volume["configMap"]["name"])
-                if cm is None:
-                    raise ApiStatus(404, "NotFound", f"configmap {volume['configMap']['name']}")
-                for key, value in (cm.get("data") or {}).items():
+                data = self._object("configmaps", ns, volume["configMap"]["name"])
+                for key, value in (data.get("data") or {}).items():
                     (local / key).write_text(value)
-            if mount["mountPath"] != "/dev/shm":
-                mounts[mount["mountPath"]] = str(local)
+            elif "secret" in volume:
+                data = self._object("secrets", ns, volume["secret"]["secretName"])
+                for key, value in (data.get("data") or {}).items():
+                    (local / key).write_bytes(base64.b64decode(value))
+            mounts[mount["mountPath"]] = str(local)
+
+        peers: list[dict[str, Any]] = []  # this namespace's pods, for their DNS names
 
         def rewrite(value: str) -> str:
-            for inside, outside in mounts.items():
+            for inside, outside in sorted(mounts.items(), key=lambda m: -len(m[0])):
                 if value == inside or value.startswith(inside + "/"):
                     return outside + value[len(inside) :]
                 value = value.replace("=" + inside + "/", "=" + outside + "/")
-            return value
+            if "." in value and not peers:
+                peers.extend(self.scheduler.list("v1", "pods", ns))  # the node may not
+            return self._resolve(ns, value, peers)
 
-        env = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"}
+        env: dict[str, str] = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"}
+        if os.environ.get("PYTHONPATH"):  # this machine's "image": the source tree
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        fields = {
+            "metadata.name": meta["name"],
+            "metadata.namespace": ns,
+            "metadata.uid": meta["uid"],
+            "spec.nodeName": self.node,
+            "status.podIP": self.ip(meta["uid"]),
+            "status.hostIP": "127.0.0.1",
+        }
         for item in container.get("env") or []:
+            source = item.get("valueFrom") or {}
             if "value" in item:
-                env[item["name"]] = rewrite(item["value"])
-            elif "secretKeyRef" in item.get("valueFrom", {}):
-                ref = item["valueFrom"]["secretKeyRef"]
-                value = self._secret(ns, ref["name"], ref["key"])
-                if value is None and not ref.get("optional"):
-                    raise ApiStatus(404, "NotFound", f"secret {ref['name']} key {ref['key']}")
-                if value is not None:
-                    env[item["name"]] = value
-            elif "fieldRef" in item.get("valueFrom", {}):
-                path = item["valueFrom"]["fieldRef"]["fieldPath"]
-                env[item["name"]] = {"metadata.name": pod, "metadata.namespace": ns}.get(path, "0")
+                env[item["name"]] = rewrite(_expand(item["value"], env))
+            elif "secretKeyRef" in source or "configMapKeyRef" in source:
+                secret = "secretKeyRef" in source
+                ref = source["secretKeyRef" if secret else "configMapKeyRef"]
+                try:
+                    obj = self._object("secrets" if secret else "configmaps", ns, ref["name"])
+                except CannotStart:
+                    if ref.get("optional"):
+                        continue
+                    raise
+                raw = (obj.get("data") or {}).get(ref["key"])
+                if raw is None:
+                    if ref.get("optional"):
+                        continue
+                    kind = "secret" if secret else "configmap"
+                    raise CannotStart(
+                        f"couldn't find key {ref['key']} in {kind} {ns}/{ref['name']}"
+                    )
+                env[item["name"]] = base64.b64decode(raw).decode() if secret else raw
+            elif "fieldRef" in source:
+                path = source["fieldRef"]["fieldPath"]
+                match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+                if match:
+                    env[item["name"]] = (meta.get(match.group(1)) or {}).get(match.group(2), "")
+                else:
+                    env[item["name"]] = fields.get(path, "")
+        termination = container.get("terminationMessagePath", "/dev/termination-log")
         env.update(
-            KUBETUNE_METRICS_PORT=str(port),
+            KUBETUNE_METRICS_HOST=self.ip(meta["uid"]),
             KUBETUNE_TERMINATION_LOG=str(root / "termination-log"),
-            **self.extra_env,
+            HOSTNAME=spec.get("hostname") or meta["name"],
         )
-        argv = [rewrite(a) for a in [*container.get("command", []), *container.get("args", [])]]
+        mounts[termination] = str(root / "termination-log")
+        argv = [
+            rewrite(_expand(a, env))
+            for a in [*container.get("command", []), *container.get("args", [])]
+        ]
         if argv and argv[0] == "python":
             argv[0] = sys.executable
+        elif argv and argv[0] == "torchrun":
+            argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
         (root / "command").write_text(shlex.join(argv) + "\n")
         return argv, env
 
-    def _secret(self, ns: str, name: str, key: str) -> str | None:
-        secret = self.kube.get("v1", "secrets", ns, name)
-        if secret is None:
-            return None
-        if key in (secret.get("stringData") or {}):
-            return str(secret["stringData"][key])
-        raw = (secret.get("data") or {}).get(key)
-        return base64.b64decode(raw).decode() if raw is not None else None
+    def _object(self, plural: str, ns: str, name: str) -> dict[str, Any]:
+        try:
+            obj = self.kube.get("v1", plural, ns, name)
+        except ApiStatus as error:
+            raise CannotStart(f"{plural[:-1]} {ns}/{name}: {error}") from None
+        if obj is None:
+            raise CannotStart(f"{plural[:-1]} {ns}/{name} not found")
+        return dict(obj)
 
-    def _finished(self, job: dict[str, Any], run: Run) -> None:
+    def _resolve(self, ns: str, value: str, peers: list[dict[str, Any]]) -> str:
+        """Pod DNS names behind headless Services -> those pods' loopback addresses."""
+        for pod in peers:
+            host, sub = pod["spec"].get("hostname"), pod["spec"].get("subdomain")
+            if not host or not sub:
+                continue
+            name, domain = re.escape(f"{host}.{sub}"), re.escape(ns)
+            pattern = rf"\b{name}(\.{domain}(\.svc(\.cluster\.local)?)?)?\b"
+            value = re.sub(pattern, self.ip(pod["metadata"]["uid"]), value)
+        return value
+
+    # ---- finishing
+
+    def _finished(self, pod: dict[str, Any], run: Run) -> None:
         code = run.process.returncode
-        exit_code = 128 - code if code < 0 else code  # killed by a signal: 128 + signal number
-        message = run.termination.read_text() if run.termination.exists() else ""
-        if not message.strip() and exit_code != 0:
+        exit_code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+        message = run.termination.read_text(errors="replace") if run.termination.exists() else ""
+        if not message.strip() and exit_code != 0 and run.policy == "FallbackToLogsOnError":
             message = run.log.read_bytes()[-TERMINATION_TAIL:].decode(errors="replace")
         ok = exit_code == 0
-        reason = "Completed" if ok else "Error"
-        self.kube.patch(
-            "v1",
-            "pods",
-            run.namespace,
-            run.pod,
+        container = pod["spec"]["containers"][0]
+        terminated = {
+            "exitCode": exit_code,
+            "reason": "Completed" if ok else "Error",
+            "startedAt": run.started,
+            "finishedAt": now(),
+        }
+        if message:
+            terminated["message"] = message
+        self._status(
+            pod,
             {
-                "status": {
-                    "phase": "Succeeded" if ok else "Failed",
-                    "containerStatuses": [
-                        {
-                            "name": "trainer",
-                            "ready": False,
-                            "restartCount": 0,
-                            "state": {
-                                "terminated": {
-                                    "exitCode": exit_code,
-                                    "reason": reason,
-                                    "message": message,
-                                    "finishedAt": _now(),
-                                }
-                            },
-                        }
-                    ],
-                }
+                "phase": "Succeeded" if ok else "Failed",
+                "conditions": [
+                    _cond("Ready", "False", "PodCompleted" if ok else "PodFailed"),
+                    _cond("ContainersReady", "False", "PodCompleted" if ok else "PodFailed"),
+                    _cond("PodReadyToStartContainers", "False"),
+                ],
+                "containerStatuses": [_container_status(container, {"terminated": terminated})],
             },
-            sub="status",
         )
-        st = job.get("status", {})
-        conds = list(st.get("conditions") or [])
-        if ok:
-            conds += [
-                _cond("SuccessCriteriaMet", "CompletionsReached"),
-                _cond("Complete", "CompletionsReached"),
-            ]
-            self._job_status(job, active=0, succeeded=1, conditions=conds, completionTime=_now())
-            return
-        action = _policy_action(job, exit_code)
-        failed = st.get("failed", 0) + (0 if action == "Ignore" else 1)
-        if action == "FailJob":
-            conds.append(
-                _cond(
-                    "Failed",
-                    "PodFailurePolicy",
-                    f"Container trainer for pod {run.pod} failed with exit code "
-                    f"{exit_code} matching FailJob rule",
-                )
-            )
-        elif failed > job["spec"].get("backoffLimit", 6):
-            conds.append(
-                _cond(
-                    "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
-                )
-            )
-        self._job_status(job, active=0, failed=failed, conditions=conds)
+        run.reported = True
 
-    def _job_status(
-        self,
-        job: dict[str, Any],
-        *,
-        conditions: list[dict[str, Any]],
-        replace_conditions: bool = False,
-        **fields: Any,
-    ) -> None:
-        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
-        current = self.kube.get("batch/v1", "jobs", ns, name)
-        if current is None:
-            return
-        status = dict(current.get("status") or {})
-        status.setdefault("startTime", _now())
-        status.update(fields)
-        if replace_conditions:
-            status["conditions"] = conditions
-        else:
-            known = {c["type"] for c in conditions}
-            status["conditions"] = [
-                c for c in status.get("conditions") or [] if c["type"] not in known
-            ] + conditions
-        self.kube.patch("batch/v1", "jobs", ns, name, {"status": status}, sub="status")
-        job["status"] = status
+    def _status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        with contextlib.suppress(ApiStatus):  # the pod is gone
+            self.kube.patch(
+                "v1",
+                "pods",
+                meta["namespace"],
+                meta["name"],
+                {"status": status},
+                sub="status",
+                ctype="application/strategic-merge-patch+json",  # keeps others' conditions
+            )
 
     @staticmethod
-    def _terminate(run: Run, sig: int) -> None:
+    def _signal(run: Run, sig: int) -> None:
         if run.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(run.process.pid, sig)
-            try:
-                run.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.process.pid, signals.SIGKILL)
-                run.process.wait(5)
 
 
-def _condition(job: dict[str, Any], type_: str) -> bool:
-    return any(
-        c.get("type") == type_ and c.get("status") == "True"
-        for c in job.get("status", {}).get("conditions") or []
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: defined names are replaced, ``$$`` escapes."""
+
+    def sub(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", sub, value)
+
+
+def _cond(type_: str, status: str = "True", reason: str | None = None) -> dict[str, Any]:
+    cond: dict[str, Any] = {"type": type_, "status": status, "lastTransitionTime": now()}
+    if reason:
+        cond["reason"] = reason
+    return cond
+
+
+def _container_status(
+    container: dict[str, Any], state: dict[str, Any], ready: bool = False
+) -> dict[str, Any]:
+    return {
+        "name": container["name"],
+        "image": container.get("image", ""),
+        "imageID": "",
+        "ready": ready,
+        "started": "running" in state,
+        "restartCount": 0,
+        "state": state,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.support.kubelet")
+    parser.add_argument("--kubeconfig", required=True, help="the node's (system:node:NAME)")
+    parser.add_argument("--scheduler-kubeconfig", required=True, help="may create pods/binding")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--node", required=True)
+    args = parser.parse_args(argv)
+    kubelet = Kubelet(
+        Kube(args.kubeconfig), Kube(args.scheduler_kubeconfig), args.workdir, args.node
     )
+    signal.signal(signal.SIGTERM, lambda *_: kubelet.stopping.set())
+    print(json.dumps({"node": args.node, "workdir": str(args.workdir)}), flush=True)
+    kubelet.serve()
+    return 0
 
 
-def _cond(type_: str, reason: str, message: str = "") -> dict[str, Any]:
-    return {
-        "type": type_,
-        "status": "True",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": _now(),
-        "lastProbeTime": _now(),
-    }
-
-
-def _waiting(reason: str, message: str) -> dict[str, Any]:
-    return {
-        "phase": "Pending",
-        "containerStatuses": [
-            {
-                "name": "trainer",
-                "ready": False,
-                "restartCount": 0,
-                "state": {"waiting": {"reason": reason, "message": message}},
-            }
-        ],
-    }
-
-
-def _with_port(spec: dict[str, Any], port: int) -> dict[str, Any]:
-    out = dict(spec)
-    containers = []
-    for c in spec["containers"]:
-        c = dict(c)
-        c["ports"] = [
-            {**p, "containerPort": port} if p.get("name") == "metrics" else p
-            for p in c.get("ports") or []
-        ]
-        containers.append(c)
-    out["containers"] = containers
-    return out
-
-
-def _policy_action(job: dict[str, Any], exit_code: int) -> str | None:
-    for rule in (job["spec"].get("podFailurePolicy") or {}).get("rules") or []:
-        codes = rule.get("onExitCodes")
-        if codes and (exit_code in codes.get("values", [])) == (codes.get("operator") == "In"):
-            return str(rule["action"])
-    return None
+if __name__ == "__main__":
+    sys.exit(main())

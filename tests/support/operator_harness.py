@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.support.kmock_adapter import EmulatorThread, Kube
-from tests.support.kubelet import Kubelet, free_port
+from tests.support.kmock_kubelet import Kubelet, free_port
 from tests.support.tools import binary
 
 ROOT = Path(__file__).resolve().parents[2]

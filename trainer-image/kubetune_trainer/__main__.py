@@ -35,6 +35,7 @@ class Options:
 
     base_dir: Path | None = None  # relative paths in the spec resolve here (kubetune run)
     metrics_port: int = api.TRAINER_METRICS_PORT  # 0: no /metrics server
+    metrics_host: str = "0.0.0.0"  # the address /metrics binds
     termination_log: str | None = api.TERMINATION_LOG
     progress: Callable[[dict[str, Any]], None] | None = None  # per training step; None: no bars
     # Evaluation progress: (which model, rows done, rows to do), e.g. ("tuned", 12, 40).
@@ -642,7 +643,7 @@ def run_stages(
     spec = config.spec
     world = init_distributed()
     log: Log = options.log if world.main else (lambda line: None)
-    telemetry = Telemetry(options.metrics_port if world.main else 0)
+    telemetry = Telemetry(options.metrics_port if world.main else 0, options.metrics_host)
     output = Storage.open(
         spec.output.destination,
         spec.storage.s3,
@@ -713,6 +714,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Prometheus /metrics port (0: off); env KUBETUNE_METRICS_PORT",
     )
     parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("KUBETUNE_METRICS_HOST", "0.0.0.0"),
+        help="address the /metrics server binds (default all); env KUBETUNE_METRICS_HOST",
+    )
+    parser.add_argument(
         "--termination-log",
         default=os.environ.get("KUBETUNE_TERMINATION_LOG", api.TERMINATION_LOG),
         help="where the final status JSON goes when that folder exists",
@@ -726,7 +732,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     options = Options(
-        base_dir=args.base_dir, metrics_port=args.metrics_port, termination_log=args.termination_log
+        base_dir=args.base_dir,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        termination_log=args.termination_log,
     )
     return run_and_report(lambda: run(load_config(args.config), options), options)
 
