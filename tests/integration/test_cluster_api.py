@@ -43,12 +43,14 @@ def test_crd_applies_server_side_and_explain_shows_our_descriptions(cluster: Clu
 
 
 def test_every_example_applies_and_get_shows_the_printer_columns(cluster: Cluster) -> None:
-    for path in EXAMPLES:
-        cluster.kubectl("apply", "-f", str(path))
+    for path in EXAMPLES:  # into the test's namespace
+        doc = yaml.safe_load(path.read_text())
+        doc["metadata"].pop("namespace", None)
+        cluster.apply(doc)
     names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in EXAMPLES]
     header, *rows = cluster.kubectl("get", "ftj").splitlines()
     columns = CRD["spec"]["versions"][0]["additionalPrinterColumns"]
-    expected = ["NAME", *[c["name"].upper() for c in columns]]
+    expected = ["NAME", *[c["name"].upper() for c in columns if not c.get("priority")]]
     assert header.split() == expected
     assert sorted(r.split()[0] for r in rows) == sorted(names)
     # The short name and the category resolve too.
@@ -112,6 +114,11 @@ CORPUS: dict[str, str] = {
 }
 
 
+# Refused by validate, taken by the API server, on purpose: a duplicate YAML key silently loses
+# one of the values on the way to JSON (kubectl keeps the last).
+STRICTER = {"duplicate-key"}
+
+
 def _validate(path: Path) -> tuple[bool, str]:
     result = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "validate", str(path)],
@@ -157,6 +164,9 @@ def test_validate_and_the_api_server_agree_on_bad_manifests(
     path.write_text(CORPUS[case])
     validate_ok, validate_says = _validate(path)
     server_ok, server_says = _server(cluster, path)
+    if case in STRICTER:  # validate refuses on purpose what the server takes
+        assert (validate_ok, server_ok) == (False, True), (validate_says, server_says)
+        return
     assert (validate_ok, server_ok) == (False, False), (
         f"{case}: validate {'accepts' if validate_ok else 'refuses'} ({validate_says!r}); "
         f"the API server {'accepts' if server_ok else 'refuses'} ({server_says!r})"

@@ -194,12 +194,14 @@ class Session:
         self.start_operator(**env)
 
     def audit(self) -> list[dict[str, Any]]:
-        """The operator's requests as the API server answered them (audit events)."""
+        """The operator's requests as the API server answered them (audit events); anonymous
+        ones count as the operator's (nothing else here talks to the API server unauthenticated:
+        an operator request that lost its token)."""
         path = self.plane.dir / "audit.log"
         events = []
         for line in path.read_text().splitlines() if path.exists() else []:
             event = json.loads(line)
-            if event.get("user", {}).get("username") == self.user:
+            if event.get("user", {}).get("username") in (self.user, "system:anonymous"):
                 events.append(event)
         return events
 

@@ -58,7 +58,7 @@ AUDIT_POLICY = {
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
     "rules": [
-        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts", "system:unauthenticated"]},
         {"level": "None"},
     ],
 }
