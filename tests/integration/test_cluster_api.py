@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.cluster import CRDS, Cluster
+from tests.support.cluster import CRDS, Cluster, Session, wait_for
+from tests.support.kube import ApiStatus, Kube
 from tests.support.manifests import minimal
 
 pytestmark = pytest.mark.timeout(300)
@@ -172,3 +173,13 @@ def test_validate_and_the_api_server_agree_on_bad_manifests(
         f"the API server {'accepts' if server_ok else 'refuses'} ({server_says!r})"
     )
     assert "Traceback" not in validate_says
+
+
+def test_the_forbidden_count_sees_what_the_chart_does_not_grant(kube_session: Session) -> None:
+    """The check every cluster test ends with can fail: Secrets are not the operator's."""
+    before = len(kube_session.forbidden())
+    with pytest.raises(ApiStatus) as refused:
+        Kube(kube_session.operator_kubeconfig).list("v1", "secrets", "default")
+    assert refused.value.code == 403
+    new = wait_for("the refusal in the audit log", lambda: kube_session.forbidden()[before:])
+    assert new == ["list /api/v1/namespaces/default/secrets"]

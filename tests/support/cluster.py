@@ -206,10 +206,12 @@ class Session:
         return events
 
     def forbidden(self) -> list[str]:
+        """The operator's requests that authorization refused (RBAC, not e.g. a namespace
+        being deleted, which is also a 403)."""
         return [
             f"{e['verb']} {e['requestURI']}"
             for e in self.audit()
-            if e.get("responseStatus", {}).get("code") == 403
+            if (e.get("annotations") or {}).get("authorization.k8s.io/decision") == "forbid"
         ]
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
