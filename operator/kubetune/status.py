@@ -398,7 +398,9 @@ def pod_facts(pods: Iterable[Mapping[str, Any]]) -> PodFacts:
                 facts["waiting_reason"] = _WAITING_REASONS[waiting["reason"]]
                 facts["waiting_message"] = waiting.get("message") or waiting["reason"]
         terminated = state.get("terminated")
-        if terminated and phase in ("Succeeded", "Failed"):
+        # Only rank 0 (index 0) writes the result; another index's success says nothing.
+        rank0 = _index(pod) == "0"
+        if terminated and (phase == "Failed" or (phase == "Succeeded" and rank0)):
             code = terminated.get("exitCode")
             message = terminated.get("message")
             parsed = parse_termination_message(message)

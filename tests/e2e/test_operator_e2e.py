@@ -68,6 +68,7 @@ def ns(cluster: Cluster) -> Iterator[Cluster]:
 
 def manifest(name: str, bucket: str, endpoint: str, **training: Any) -> str:
     run_policy = training.pop("runPolicy", {"backoffLimit": 2})
+    resources = training.pop("resources", {"gpus": 0})
     doc = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -102,7 +103,7 @@ def manifest(name: str, bucket: str, endpoint: str, **training: Any) -> str:
                     "credentialsSecret": "s3-credentials",
                 }
             },
-            "resources": {"gpus": 0},
+            "resources": resources,
             "runPolicy": run_policy,
         },
     }
@@ -323,3 +324,38 @@ def test_delete_mid_run_the_garbage_collector_removes_the_children(
     )
     # Artifacts stay: deleting the resource never deletes what the trainer wrote.
     assert keys(s3_server, bucket, f"runs/{name}/")
+
+
+def test_two_nodes_rendezvous_through_the_headless_service_and_train_ddp(
+    ns: Cluster, bucket: str, s3_server: str
+) -> None:
+    """numNodes: 2 -> an Indexed Job of two pods; torchrun (gloo) on each finds rank 0 at
+    <job>-0.<service> (the kubelet resolves it as cluster DNS would); only rank 0 writes."""
+    ns.apply(
+        manifest("e2e-ddp", bucket, s3_server, maxSteps=4, resources={"gpus": 1, "numNodes": 2})
+    )
+    status = ns.wait_phase("e2e-ddp", "Succeeded", timeout=280)
+    job = ns.jobs()[0]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert job["status"]["succeeded"] == 2
+    service = ns.kube.get("v1", "services", ns.ns, "e2e-ddp-nodes")
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    pods = {
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
+        for p in ns.pods("e2e-ddp-trainer")
+    }
+    assert sorted(pods) == ["0", "1"]
+    rank0_ip = pods["0"]["status"]["podIP"]
+    commands = {
+        i: (ns.workdir / p["metadata"]["name"] / "command").read_text() for i, p in pods.items()
+    }
+    for index, command in commands.items():
+        assert f"--master-addr={rank0_ip}" in command, command
+        assert f"--node-rank={index}" in command, command
+    logs = {i: (ns.workdir / p["metadata"]["name"] / "log").read_text() for i, p in pods.items()}
+    assert logs["0"].count("[evaluate]") == 1 and "[evaluate]" not in logs["1"], logs["1"][-2000:]
+    assert "artifacts" in status, status
+    report = s3_key(status["artifacts"]["report"], bucket)
+    body = s3_support.client(s3_server).get_object(Bucket=bucket, Key=report)["Body"].read()
+    assert yaml.safe_load(body)["training"]["worldSize"] == 2

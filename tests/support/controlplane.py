@@ -51,8 +51,7 @@ CONTROLLERS = [
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
-    "endpointslice-controller",
-]
+]  # no endpointslice controller: loopback pod IPs are no valid endpoint addresses
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
     "kind": "Policy",

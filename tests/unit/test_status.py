@@ -339,6 +339,18 @@ def test_pod_facts_pick_the_metrics_port_and_index_0() -> None:
     assert not st.pod_facts([p1]).running
 
 
+def test_pod_facts_take_the_result_from_index_0_whichever_pod_ends_last() -> None:
+    """Only rank 0 writes the result; index 1 succeeding later (no message) must not hide it.
+    Seen on the real Job controller with numNodes: 2."""
+    result = '{"phase": "Succeeded"}'
+    p0 = pod("Succeeded", terminated(0, result, "Completed"), created="2026-11-28T11:00:00Z")
+    p1 = pod("Succeeded", terminated(0, "", "Completed"), created="2026-11-28T11:00:01Z")
+    p0["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": "0"}
+    p1["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": "1"}
+    facts = st.pod_facts([p1, p0])
+    assert facts.result == st.parse_termination_message(result) and facts.result
+
+
 def test_invalid_spec_status_names_the_field() -> None:
     doc = (ROOT / "examples" / "lora-s3.yaml").read_text().replace("batchSize: 8", "batchSize: 0")
     import yaml
