@@ -391,6 +391,7 @@ class ControlPlane:
             from tests.support import kueue
 
             kueue.start(self, bindir, kube)
+        port = self.ports["apiserver"]
         self._start(
             "kubelet",
             [
@@ -401,6 +402,8 @@ class ControlPlane:
                 f"--scheduler-kubeconfig={scheduler}",
                 f"--workdir={self.dir / 'pods'}",
                 f"--node={NODE}",
+                # Pod IPs unique among the clusters on this machine (their API ports differ).
+                f"--ip-prefix=127.{port // 256}.{port % 256}",
             ],
             env={**os.environ, "PYTHONPATH": _pythonpath()},
         )

@@ -14,8 +14,8 @@ collector removes them, the API server evicts them. This process plays only the 
   ``secretKeyRef``, ``configMapKeyRef`` and ``fieldRef``; ``$(VAR)`` in command and args is
   expanded as Kubernetes does; the terminationMessagePath is given as env
   KUBETUNE_TERMINATION_LOG;
-- networking: each pod gets its own loopback address (127.77.x.y) as ``podIP``, given to the
-  process as KUBETUNE_METRICS_HOST (the trainer binds /metrics there, so pods do not collide
+- networking: each pod gets its own loopback address (``--ip-prefix``.N, 127.A.B.N) as
+  ``podIP``, given to the process as KUBETUNE_METRICS_HOST (the trainer binds /metrics there, so pods do not collide
   on the port); the DNS name of a pod behind a headless Service
   (``<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]``) in the command or env is rewritten to
   that pod's address, as cluster DNS would resolve it;
@@ -55,7 +55,6 @@ from tests.support.kube import ApiStatus, Kube
 
 TERMINATION_TAIL = 2048
 CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "250", "nvidia.com/gpu": "8"}
-IP_PREFIX = "127.77"
 
 
 def now() -> str:
@@ -108,8 +107,17 @@ class Run:
 
 
 class Kubelet:
-    def __init__(self, kube: Kube, scheduler: Kube, workdir: Path, node: str, poll: float = 0.2):
+    def __init__(
+        self,
+        kube: Kube,
+        scheduler: Kube,
+        workdir: Path,
+        node: str,
+        ip_prefix: str = "127.77",
+        poll: float = 0.2,
+    ):
         self.kube, self.scheduler, self.workdir, self.node = kube, scheduler, workdir, node
+        self.ip_prefix = ip_prefix  # 127.A.B: each cluster on this machine its own range
         self.poll = poll
         self.runs: dict[str, Run] = {}  # pod uid -> run
         self.ips: dict[str, str] = {}  # pod uid -> loopback address
@@ -232,9 +240,8 @@ class Kubelet:
     # ---- starting
 
     def ip(self, uid: str) -> str:
-        if uid not in self.ips:
-            n = len(self.ips) + 2
-            self.ips[uid] = f"{IP_PREFIX}.{n // 250}.{n % 250 + 1}"
+        if uid not in self.ips:  # 127.A.B.2-254, reused after 253 pods
+            self.ips[uid] = f"{self.ip_prefix}.{len(self.ips) % 253 + 2}"
         return self.ips[uid]
 
     def _start(self, pod: dict[str, Any]) -> None:
@@ -514,9 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler-kubeconfig", required=True, help="may create pods/binding")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--node", required=True)
+    parser.add_argument("--ip-prefix", default="127.77", help="pod IPs: PREFIX.2-254 (127.A.B)")
     args = parser.parse_args(argv)
     kubelet = Kubelet(
-        Kube(args.kubeconfig), Kube(args.scheduler_kubeconfig), args.workdir, args.node
+        Kube(args.kubeconfig),
+        Kube(args.scheduler_kubeconfig),
+        args.workdir,
+        args.node,
+        args.ip_prefix,
     )
     signal.signal(signal.SIGTERM, lambda *_: kubelet.stopping.set())
     print(json.dumps({"node": args.node, "workdir": str(args.workdir)}), flush=True)
