@@ -15,8 +15,8 @@ collector removes them, the API server evicts them. This process plays only the 
   expanded as Kubernetes does; the terminationMessagePath is given as env
   KUBETUNE_TERMINATION_LOG;
 - networking: each pod gets its own loopback address (``--ip-prefix``.N, 127.A.B.N) as
-  ``podIP``, given to the process as KUBETUNE_METRICS_HOST (the trainer binds /metrics there, so pods do not collide
-  on the port); the DNS name of a pod behind a headless Service
+  ``podIP``, given to the process as KUBETUNE_METRICS_HOST (the trainer binds /metrics
+  there, so pods do not collide on the port); the DNS name of a pod behind a headless Service
   (``<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]``) in the command or env is rewritten to
   that pod's address, as cluster DNS would resolve it;
 - reports pods/status: phase, conditions, containerStatuses with
