@@ -20,11 +20,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune import api
 
 from .errors import InfraError, Preempted, TrainerError, UserError
+
+if TYPE_CHECKING:  # the stages' data flow, checked by mypy; imported lazily at run time
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from .data import Dataset, Example, Splits
+    from .interrupts import Interrupts
+    from .report import Telemetry
+    from .storage import Storage
+    from .train import Plan, Resumed, TrainState, World
 
 Log = Callable[[str], None]
 
@@ -93,8 +103,8 @@ def check_license(config: api.TrainerConfig) -> None:
 
 @dataclass
 class DataStage:
-    dataset: Any  # data.Dataset
-    splits: Any  # data.Splits
+    dataset: Dataset
+    splits: Splits
     source: str
 
     def summary(self) -> str:
@@ -111,7 +121,7 @@ def load_data(config: api.TrainerConfig, options: Options, workdir: Path) -> Dat
 
     spec, s3 = config.spec.dataset, config.spec.storage.s3
 
-    def load(uri: str, field: str) -> Any:
+    def load(uri: str, field: str) -> Dataset:
         path = fetch(uri, s3, workdir / "data", base_dir=options.base_dir, field=field)
         return load_dataset(path, spec, field=field)
 
@@ -131,7 +141,7 @@ def load_data(config: api.TrainerConfig, options: Options, workdir: Path) -> Dat
 
 
 def check_same_training(
-    config: api.TrainerConfig, data: DataStage, world: Any, output: Any
+    config: api.TrainerConfig, data: DataStage, world: World, output: Storage
 ) -> dict[str, Any]:
     """The fingerprint of this training; refuses before anything is written when the output
     already holds checkpoints of another one."""
@@ -155,7 +165,7 @@ def check_eval_inputs(config: api.TrainerConfig, options: Options) -> None:
         preflight(safety, storage_s3=config.spec.storage.s3, base_dir=options.base_dir)
 
 
-def commit_splits(data: DataStage, output: Any, workdir: Path) -> None:
+def commit_splits(data: DataStage, output: Storage, workdir: Path) -> None:
     """Per-split row ids and their sha256, committed to <output>/splits/ (versioned splits)."""
     from .data import write_split_manifests
 
@@ -181,31 +191,38 @@ def fetch_model(config: api.TrainerConfig, options: Options, workdir: Path) -> P
     return path
 
 
-def init_distributed() -> Any:
-    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl on GPU."""
+@contextmanager
+def distributed() -> Iterator[World]:
+    """torchrun sets WORLD_SIZE/RANK; gloo on CPU, nccl on GPU. The process group this creates
+    lives exactly as long as the block, however the block ends."""
     from .train import World
 
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        return World()
+        yield World()
+        return
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return World(rank=dist.get_rank(), size=dist.get_world_size())
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        yield World(rank=dist.get_rank(), size=dist.get_world_size())
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def score(
     config: api.TrainerConfig,
     options: Options,
     model: Any,
-    tokenizer: Any,
-    test: list[Any],
-    device: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    test: list[Example],
+    device: torch.device,
     label: str,
 ) -> tuple[dict[str, float], list[str]]:
     """Held-out metrics on the test split (plus safety evals when configured) for one model
@@ -248,9 +265,9 @@ def evaluate(
     config: api.TrainerConfig,
     options: Options,
     model: Any,
-    tokenizer: Any,
-    test: list[Any],
-    device: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    test: list[Example],
+    device: torch.device,
     base_before: dict[str, float] | None,
 ) -> tuple[api.Metrics, list[api.GateResult], list[str]]:
     """The same evaluation on base and tuned. For adapters the base is the same model with the
@@ -274,16 +291,16 @@ def evaluate(
 @dataclass
 class ModelStage:
     model: Any  # the PeftModel (lora, qlora) or the model itself (full)
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model_dir: Path
-    device: Any
+    device: torch.device
     base_before: dict[str, float] | None  # a full fine-tune's base scores, taken before training
     trainable: int
     total: int
 
 
 def load_model(
-    config: api.TrainerConfig, options: Options, test: list[Any], main: bool, workdir: Path
+    config: api.TrainerConfig, options: Options, test: list[Example], main: bool, workdir: Path
 ) -> ModelStage:
     from . import model as model_stage
     from .train import seed_everything
@@ -314,8 +331,8 @@ def library_progress_bars(enabled: bool) -> None:
 
 @dataclass
 class Trained:
-    state: Any  # train.TrainState
-    plan: Any  # train.Plan
+    state: TrainState
+    plan: Plan
     resumed_from: str | None
     attention: str
     truncated: dict[str, int]
@@ -327,13 +344,13 @@ def train_model(
     config: api.TrainerConfig,
     options: Options,
     m: ModelStage,
-    splits: Any,
-    world: Any,
-    output: Any,
-    telemetry: Any,
+    splits: Splits,
+    world: World,
+    output: Storage,
+    telemetry: Telemetry,
     log: Log,
     prints: dict[str, Any] | None = None,
-    interrupts: Any = None,
+    interrupts: Interrupts | None = None,
     workdir: Path | None = None,
 ) -> Trained:
     """Encode, plan, restore the newest checkpoint, run the loop; leaves m.model unwrapped
@@ -414,22 +431,21 @@ def train_model(
     if world.size > 1:
         import torch.distributed as dist
 
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank is done with the model before rank 0 evaluates it alone
     truncated = {"train": train_cut, "validation": val_cut}
     notes += [f"{why}: skipped and deleted" for _, why in resumed.corrupt]
     return Trained(state, plan, resumed.uri, attention, truncated, parallelism, notes)
 
 
 def resume(
-    output: Any,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    world: Any,
+    output: Storage,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    world: World,
     log: Log,
     workdir: Path | None,
-) -> Any:  # train.Resumed
+) -> Resumed:
     """The newest checkpoint that verifies. Newer corrupted ones are deleted (rank 0, once
     every rank has loaded): left in place they would stay "newest", so checkpoint rotation
     would delete the new checkpoints instead of them. Checkpoint folders a killed run left
@@ -576,7 +592,7 @@ def build_report(
     }
 
 
-def write_report(output: Any, workdir: Path, report: dict[str, Any]) -> None:
+def write_report(output: Storage, workdir: Path, report: dict[str, Any]) -> None:
     """The loss curve, then report.json (last: its presence means the run finished)."""
     from . import report as report_stage
 
@@ -600,8 +616,8 @@ def run(config: api.TrainerConfig, options: Options | None = None) -> Result:
     timer, committed = Timer(), Committed()
     with Interrupts().installed() as interrupts:
         try:
-            with scratch.workdir(options.workdir) as workdir:
-                return run_stages(config, options, workdir, timer, interrupts, committed)
+            with scratch.workdir(options.workdir) as workdir, distributed() as world:
+                return run_stages(config, options, world, workdir, timer, interrupts, committed)
         except Interrupted as stop:
             raise Preempted(
                 interrupted_message(stop.signal_name, timer.current, committed)
@@ -631,9 +647,10 @@ def interrupted_message(signal_name: str, stage: str, committed: Committed) -> s
 def run_stages(
     config: api.TrainerConfig,
     options: Options,
+    world: World,
     workdir: Path,
     timer: Timer,
-    interrupts: Any,
+    interrupts: Interrupts,
     committed: Committed,
 ) -> Result:
     from .export import export
@@ -641,7 +658,6 @@ def run_stages(
     from .storage import Storage
 
     spec = config.spec
-    world = init_distributed()
     log: Log = options.log if world.main else (lambda line: None)
     telemetry = Telemetry(options.metrics_port if world.main else 0, options.metrics_host)
     output = Storage.open(
@@ -686,7 +702,7 @@ def run_stages(
             )
             notes = trained.notes + eval_notes
         with timer.stage("export", log):
-            artifacts = export(m.model, m.tokenizer, spec, output, m.model_dir)
+            artifacts = export(m.model, m.tokenizer, spec, output, m.model_dir, workdir)
             artifacts.report = output.uri_for("report.json")
             artifacts.lossCurve = output.uri_for("loss-curve.png")
         with timer.stage("report", log):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,11 @@ from .interrupts import Interrupts
 from .model import is_sharded, trainable_parameters
 from .packing import EncodedLike
 from .report import Telemetry, peak_memory_bytes
+
+if TYPE_CHECKING:
+    from .storage import Storage
+
+Scheduler = torch.optim.lr_scheduler.LambdaLR
 
 CHECKPOINTS = "checkpoints"
 Progress = Callable[[dict[str, Any]], None]
@@ -212,7 +217,7 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     ]
 
 
-def check_resumable(storage: Any, current: dict[str, Any]) -> None:
+def check_resumable(storage: Storage, current: dict[str, Any]) -> None:
     """Refuse (UserError) when the output holds checkpoints of a different training: resuming
     would mix two trainings in one model and one report. Checkpoints written before
     fingerprints existed resume as they always did."""
@@ -268,10 +273,10 @@ def checkpoint_state(
 
 
 def save_checkpoint(
-    storage: Any,
+    storage: Storage,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: Scheduler,
     state: TrainState,
     keep: int,
     *,
@@ -331,10 +336,10 @@ class Resumed:
 
 
 def load_checkpoint(
-    storage: Any,
+    storage: Storage,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: Scheduler,
     *,
     scratch: Path | None = None,
 ) -> Resumed:
@@ -361,7 +366,7 @@ def _restore(
     uri: str,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: Scheduler,
 ) -> TrainState:
     """Load a verified checkpoint folder into the model, optimizer, scheduler and RNGs."""
     from safetensors.torch import load_file
@@ -447,7 +452,7 @@ class Setup:
     pad_id: int
     device: torch.device
     world: World = field(default_factory=World)
-    storage: Any = None  # checkpoint storage; only rank 0 writes
+    storage: Storage | None = None  # checkpoint storage; only rank 0 writes
     collate_mode: str = "flat"
     fingerprint: dict[str, Any] | None = None  # written with every checkpoint
     scratch: Path | None = None  # where checkpoints are staged (default: the temp dir)
@@ -530,7 +535,7 @@ def validation_loss(setup: Setup) -> float | None:
 def train(
     setup: Setup,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    scheduler: Scheduler,
     state: TrainState,
     plan: Plan,
     *,
@@ -649,7 +654,7 @@ def train(
 
 
 def _checkpoint(
-    setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState
+    setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Scheduler, state: TrainState
 ) -> str | None:
     """Every rank calls this (a sharded model is gathered first); rank 0 alone writes."""
     if setup.storage is None:
