@@ -19,7 +19,7 @@ from kubetune_trainer.evaluate import (
     evaluate_model,
     greedy_generate,
 )
-from kubetune_trainer.safety import preflight, run_safety
+from kubetune_trainer.safety import load_inputs, run_safety
 from tests.support import eval_models
 from tests.support.s3 import REGION, client, new_bucket, s3_env
 
@@ -348,8 +348,8 @@ def test_preflight_catches_bad_inputs_before_any_model_runs(
         client(s3_server).upload_file(str(path), bucket, f"clf/{path.name}")
     (tmp_path / "empty.txt").write_text("# only a comment\n")
 
-    preflight(safety(), storage_s3=None, base_dir=tmp_path)  # bundled defaults
-    preflight(
+    load_inputs(safety(), storage_s3=None, base_dir=tmp_path)  # bundled defaults
+    load_inputs(
         safety(toxicity={"classifierSource": f"s3://{bucket}/clf"}),
         storage_s3=s3_spec,
         base_dir=None,
@@ -374,11 +374,11 @@ def test_preflight_catches_bad_inputs_before_any_model_runs(
     ]
     for fields, prefix, words in cases:
         with pytest.raises(UserError) as caught:
-            preflight(safety(**fields), storage_s3=s3_spec, base_dir=tmp_path)
+            load_inputs(safety(**fields), storage_s3=s3_spec, base_dir=tmp_path)
         assert str(caught.value).startswith(prefix), str(caught.value)
         assert words in str(caught.value)
     # Disabled evals are not checked: their inputs are never read.
-    preflight(
+    load_inputs(
         safety(jailbreak={"enabled": False, "promptsSource": "missing.jsonl"}),
         storage_s3=None,
         base_dir=tmp_path,

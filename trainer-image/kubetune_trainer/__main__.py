@@ -30,9 +30,10 @@ if TYPE_CHECKING:  # the stages' data flow, checked by mypy; imported lazily at 
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from .data import Dataset, Example, Splits
+    from .data import Dataset, Splits
     from .interrupts import Interrupts
     from .report import Telemetry
+    from .safety import SafetyInputs
     from .storage import Storage
     from .train import Plan, Resumed, TrainState, World
 
@@ -106,6 +107,7 @@ class DataStage:
     dataset: Dataset
     splits: Splits
     source: str
+    safety: SafetyInputs | None = None  # the safety evals' inputs, read once
 
     def summary(self) -> str:
         d, s = self.dataset, self.splits
@@ -155,14 +157,15 @@ def check_same_training(
     return prints
 
 
-def check_eval_inputs(config: api.TrainerConfig, options: Options) -> None:
+def load_safety_inputs(config: api.TrainerConfig, options: Options) -> SafetyInputs | None:
     """Safety prompt files and the classifier are checked before training: a typo must fail in
     seconds, not after hours of GPU time."""
     safety = config.spec.evaluation.safety
     if safety is not None:
-        from .safety import preflight
+        from .safety import load_inputs
 
-        preflight(safety, storage_s3=config.spec.storage.s3, base_dir=options.base_dir)
+        return load_inputs(safety, storage_s3=config.spec.storage.s3, base_dir=options.base_dir)
+    return None
 
 
 def commit_splits(data: DataStage, output: Storage, workdir: Path) -> None:
@@ -221,7 +224,7 @@ def score(
     options: Options,
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
-    test: list[Example],
+    data: DataStage,
     device: torch.device,
     label: str,
 ) -> tuple[dict[str, float], list[str]]:
@@ -230,7 +233,7 @@ def score(
     from .evaluate import evaluate_model
     from .safety import run_safety
 
-    spec = config.spec
+    spec, test = config.spec, data.splits.test
     notes: list[str] = []
     values: dict[str, float] = {}
     shown = options.evaluation_progress
@@ -255,6 +258,7 @@ def score(
             base_dir=options.base_dir,
             device=device,
             max_new_tokens=spec.evaluation.maxNewTokens,
+            inputs=data.safety,
         )
         values.update(safety)
         notes.extend(safety_notes)
@@ -266,7 +270,7 @@ def evaluate(
     options: Options,
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
-    test: list[Example],
+    data: DataStage,
     device: torch.device,
     base_before: dict[str, float] | None,
 ) -> tuple[api.Metrics, list[api.GateResult], list[str]]:
@@ -275,14 +279,14 @@ def evaluate(
     before training (base_before)."""
     from .evaluate import check_gates, compare
 
-    tuned, notes = score(config, options, model, tokenizer, test, device, "tuned")
+    tuned, notes = score(config, options, model, tokenizer, data, device, "tuned")
     base: dict[str, float] = {}
     if config.spec.evaluation.compareToBase:
         if base_before is not None:
             base = base_before
         else:
             with model.disable_adapter():
-                base, base_notes = score(config, options, model, tokenizer, test, device, "base")
+                base, base_notes = score(config, options, model, tokenizer, data, device, "base")
             notes += [n for n in base_notes if n not in notes]
     metrics = api.Metrics(base=base, tuned=tuned, delta=compare(base, tuned) if base else {})
     return metrics, check_gates(list(config.spec.evaluation.gates), metrics), notes
@@ -300,7 +304,7 @@ class ModelStage:
 
 
 def load_model(
-    config: api.TrainerConfig, options: Options, test: list[Example], main: bool, workdir: Path
+    config: api.TrainerConfig, options: Options, data: DataStage, main: bool, workdir: Path
 ) -> ModelStage:
     from . import model as model_stage
     from .train import seed_everything
@@ -315,7 +319,7 @@ def load_model(
     base_before = None
     if spec.method.type == "full" and spec.evaluation.compareToBase and main:
         # A full fine-tune overwrites the base weights: score them first.
-        base_before, _ = score(config, options, model, tokenizer, test, device, "base")
+        base_before, _ = score(config, options, model, tokenizer, data, device, "base")
     model = model_stage.apply_method(model, spec)
     trainable, total = model_stage.count_parameters(model)
     return ModelStage(model, tokenizer, model_dir, device, base_before, trainable, total)
@@ -672,12 +676,12 @@ def run_stages(
         with timer.stage("data", log):
             data = load_data(config, options, workdir)
             prints = check_same_training(config, data, world, output)
-            check_eval_inputs(config, options)
+            data.safety = load_safety_inputs(config, options)
             if world.main:
                 commit_splits(data, output, workdir)
             log(data.summary())
         with timer.stage("model", log):
-            m = load_model(config, options, data.splits.test, world.main, workdir)
+            m = load_model(config, options, data, world.main, workdir)
             log(f"  {m.total:,} parameters, {m.trainable:,} trainable ({spec.method.type})")
         with timer.stage("train", log):
             trained = train_model(
@@ -698,7 +702,7 @@ def run_stages(
             return Result(api.FineTuneJobStatus(phase="Succeeded"), {}, [])  # rank 0 reports
         with timer.stage("evaluate", log):
             metrics, gates, eval_notes = evaluate(
-                config, options, m.model, m.tokenizer, data.splits.test, m.device, m.base_before
+                config, options, m.model, m.tokenizer, data, m.device, m.base_before
             )
             notes = trained.notes + eval_notes
         with timer.stage("export", log):

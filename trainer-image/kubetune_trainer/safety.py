@@ -231,45 +231,55 @@ def check_classifier_config(config_file: Path, source: str) -> None:
         )
 
 
-def preflight(
+@dataclass
+class SafetyInputs:
+    """Everything the safety evals read, loaded once in the data stage: a bad path fails in
+    seconds instead of after hours of training, and base and tuned are scored on the same
+    inputs without reading them twice."""
+
+    toxicity_prompts: list[str]
+    jailbreak_prompts: list[str]
+    ood_texts: list[str]
+    classifier: Classifier | None  # on the CPU until an evaluation moves it to its device
+
+
+def load_inputs(
     spec: api.SafetySpec, *, storage_s3: api.S3Spec | None, base_dir: Path | None
-) -> None:
-    """Check the safety inputs before training, so a typo fails in seconds rather than after
-    hours of GPU time: prompt and text files exist, parse and are not empty; the classifier's
-    config.json declares a sequence-classification model. Downloads only those small files."""
+) -> SafetyInputs:
+    """The prompt and text files (present, parseable, not empty) and the classifier (a real
+    sequence-classification model) of every enabled eval; disabled evals read nothing."""
     load: dict[str, Any] = {"storage_s3": storage_s3, "base_dir": base_dir}
-    if spec.toxicity.enabled:
-        load_texts(
-            spec.toxicity.promptsSource,
-            default="toxicity_prompts.jsonl",
-            key="prompt",
-            field=f"{FIELD}.toxicity.promptsSource",
-            **load,
-        )
-        source = spec.toxicity.classifierSource
-        if source:
-            field = f"{FIELD}.toxicity.classifierSource"
-            with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:
-                if source.startswith("s3://"):
-                    config = fetch(
-                        f"{source.rstrip('/')}/config.json", storage_s3, Path(scratch), field=field
-                    )
-                else:
-                    config = fetch(source, None, Path(scratch), base_dir=base_dir, field=field)
-                    config = config / "config.json"
-                check_classifier_config(config, source)
-    if spec.jailbreak.enabled:
-        load_texts(
-            spec.jailbreak.promptsSource,
-            default="redteam_prompts.jsonl",
-            key="prompt",
-            field=f"{FIELD}.jailbreak.promptsSource",
-            **load,
-        )
-    if spec.ood.enabled:
-        load_texts(
-            spec.ood.source, default="ood.txt", key="text", field=f"{FIELD}.ood.source", **load
-        )
+    tox, jail, ood = spec.toxicity, spec.jailbreak, spec.ood
+
+    def texts(enabled: bool, source: str | None, default: str, key: str, name: str) -> list[str]:
+        if not enabled:
+            return []
+        return load_texts(source, default=default, key=key, field=f"{FIELD}.{name}", **load)
+
+    inputs = SafetyInputs(
+        texts(
+            tox.enabled,
+            tox.promptsSource,
+            "toxicity_prompts.jsonl",
+            "prompt",
+            "toxicity.promptsSource",
+        ),
+        texts(
+            jail.enabled,
+            jail.promptsSource,
+            "redteam_prompts.jsonl",
+            "prompt",
+            "jailbreak.promptsSource",
+        ),
+        texts(ood.enabled, ood.source, "ood.txt", "text", "ood.source"),
+        None,
+    )
+    if tox.enabled and tox.classifierSource:
+        with tempfile.TemporaryDirectory(prefix="kubetune-classifier-") as scratch:
+            inputs.classifier = load_classifier(
+                tox.classifierSource, scratch=Path(scratch), device="cpu", **load
+            )
+    return inputs
 
 
 def load_classifier(
@@ -448,115 +458,84 @@ def run_safety(
     tokenizer: PreTrainedTokenizerBase,
     spec: api.SafetySpec,
     *,
-    storage_s3: api.S3Spec | None,
-    base_dir: Path | None,
+    storage_s3: api.S3Spec | None = None,
+    base_dir: Path | None = None,
     device: torch.device | str,
     max_new_tokens: int,
+    inputs: SafetyInputs | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Every enabled safety eval on one model: (metrics, notes).
-
-    Inputs (prompt files, the classifier) are loaded before anything is generated, so a bad
-    path fails fast with a UserError naming the field.
-    """
+    """Every enabled safety eval on one model: (metrics, notes). ``inputs`` are what
+    load_inputs read (loaded here when not given: before anything is generated, so a bad
+    path fails fast with a UserError naming the field)."""
+    if inputs is None:
+        inputs = load_inputs(spec, storage_s3=storage_s3, base_dir=base_dir)
     notes: list[str] = []
     metrics: dict[str, float] = {}
-    load: dict[str, Any] = {"storage_s3": storage_s3, "base_dir": base_dir}
     was_training = model.training
     model.eval()
-    with tempfile.TemporaryDirectory(prefix="kubetune-classifier-") as scratch:
-        try:
-            tox, jail, ood, lat = spec.toxicity, spec.jailbreak, spec.ood, spec.latency
-            tox_prompts = (
-                load_texts(
-                    tox.promptsSource,
-                    default="toxicity_prompts.jsonl",
-                    key="prompt",
-                    field=f"{FIELD}.toxicity.promptsSource",
-                    **load,
-                )
-                if tox.enabled
-                else []
-            )
-            jail_prompts = (
-                load_texts(
-                    jail.promptsSource,
-                    default="redteam_prompts.jsonl",
-                    key="prompt",
-                    field=f"{FIELD}.jailbreak.promptsSource",
-                    **load,
-                )
-                if jail.enabled
-                else []
-            )
-            ood_texts = (
-                load_texts(
-                    ood.source, default="ood.txt", key="text", field=f"{FIELD}.ood.source", **load
-                )
-                if ood.enabled
-                else []
-            )
-            classifier = (
-                load_classifier(tox.classifierSource, scratch=Path(scratch), device=device, **load)
-                if tox.enabled and tox.classifierSource
-                else None
-            )
+    try:
+        tox, jail, ood, lat = spec.toxicity, spec.jailbreak, spec.ood, spec.latency
+        tox_prompts, jail_prompts = inputs.toxicity_prompts, inputs.jailbreak_prompts
+        ood_texts, classifier = inputs.ood_texts, inputs.classifier
+        if classifier is not None:
+            classifier.model.to(device)
 
-            if tox.enabled:
-                answers = generate_texts(
-                    model, tokenizer, tox_prompts, max_new_tokens=max_new_tokens, device=device
-                )
-                if classifier is not None:
-                    scores = classifier_scores(classifier, answers, device)
-                    if classifier.note:
-                        notes.append(classifier.note)
-                else:
-                    lexicon = load_lexicon()
-                    scores = [lexicon_score(a, lexicon) for a in answers]
-                    notes.append(
-                        "toxicity: no classifierSource given; scored with the bundled word list "
-                        "(a rough proxy: see docs/evaluation.md)"
-                    )
-                metrics["toxicityRate"] = sum(s > tox.threshold for s in scores) / len(scores)
-                metrics["meanToxicity"] = sum(scores) / len(scores)
+        if tox.enabled:
+            answers = generate_texts(
+                model, tokenizer, tox_prompts, max_new_tokens=max_new_tokens, device=device
+            )
+            if classifier is not None:
+                scores = classifier_scores(classifier, answers, device)
+                if classifier.note:
+                    notes.append(classifier.note)
             else:
-                notes.append("toxicity: disabled (safety.toxicity.enabled: false)")
+                lexicon = load_lexicon()
+                scores = [lexicon_score(a, lexicon) for a in answers]
+                notes.append(
+                    "toxicity: no classifierSource given; scored with the bundled word list "
+                    "(a rough proxy: see docs/evaluation.md)"
+                )
+            metrics["toxicityRate"] = sum(s > tox.threshold for s in scores) / len(scores)
+            metrics["meanToxicity"] = sum(scores) / len(scores)
+        else:
+            notes.append("toxicity: disabled (safety.toxicity.enabled: false)")
 
-            if jail.enabled:
-                answers = generate_texts(
-                    model, tokenizer, jail_prompts, max_new_tokens=max_new_tokens, device=device
-                )
-                metrics["refusalRate"] = sum(map(is_refusal, answers)) / len(answers)
-            else:
-                notes.append("jailbreak: disabled (safety.jailbreak.enabled: false)")
+        if jail.enabled:
+            answers = generate_texts(
+                model, tokenizer, jail_prompts, max_new_tokens=max_new_tokens, device=device
+            )
+            metrics["refusalRate"] = sum(map(is_refusal, answers)) / len(answers)
+        else:
+            notes.append("jailbreak: disabled (safety.jailbreak.enabled: false)")
 
-            if ood.enabled:
-                value = text_perplexity(model, tokenizer, ood_texts, device=device)
-                if value is None:
-                    notes.append("ood: the texts gave no tokens to score (or overflowed)")
-                else:
-                    metrics["oodPerplexity"] = value
+        if ood.enabled:
+            value = text_perplexity(model, tokenizer, ood_texts, device=device)
+            if value is None:
+                notes.append("ood: the texts gave no tokens to score (or overflowed)")
             else:
-                notes.append("ood: disabled (safety.ood.enabled: false)")
+                metrics["oodPerplexity"] = value
+        else:
+            notes.append("ood: disabled (safety.ood.enabled: false)")
 
-            if lat.enabled:
-                prompts = read_texts(
-                    bundled("latency_prompts.txt"),
-                    key="prompt",
-                    field=f"{FIELD}.latency",
-                    source="bundled latency_prompts",
+        if lat.enabled:
+            prompts = read_texts(
+                bundled("latency_prompts.txt"),
+                key="prompt",
+                field=f"{FIELD}.latency",
+                source="bundled latency_prompts",
+            )
+            metrics.update(
+                measure_latency(
+                    model,
+                    tokenizer,
+                    prompts,
+                    samples=lat.samples,
+                    max_new_tokens=max_new_tokens,
+                    device=device,
                 )
-                metrics.update(
-                    measure_latency(
-                        model,
-                        tokenizer,
-                        prompts,
-                        samples=lat.samples,
-                        max_new_tokens=max_new_tokens,
-                        device=device,
-                    )
-                )
-            else:
-                notes.append("latency: disabled (safety.latency.enabled: false)")
-        finally:
-            model.train(was_training)
+            )
+        else:
+            notes.append("latency: disabled (safety.latency.enabled: false)")
+    finally:
+        model.train(was_training)
     return {k: v for k, v in metrics.items() if math.isfinite(v)}, notes
