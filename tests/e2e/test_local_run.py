@@ -151,6 +151,7 @@ def test_bad_command_line_is_one_error_line_and_exit_10(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_output_may_be_a_file_or_s3_uri(
     tmp_path: Path, s3_server: str, monkeypatch: pytest.MonkeyPatch
@@ -191,6 +192,7 @@ def test_output_may_be_a_file_or_s3_uri(
     assert (folder / "adapter" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_progress_bars_keep_log_lines_and_eval_loss_and_follow_evaluation(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, training={**tr.spec_dict(Path("d"), Path("o"))["training"]})

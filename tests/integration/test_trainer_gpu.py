@@ -31,6 +31,7 @@ def _run(tmp_path: Path, method: dict[str, object], **training: object) -> dict[
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_lora_on_cuda_trains_in_bf16_with_packing(tmp_path: Path) -> None:
     lora = {"type": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]}}
@@ -50,6 +51,7 @@ def test_lora_on_cuda_trains_in_bf16_with_packing(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "adapter" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_qlora_4bit_on_cuda(tmp_path: Path) -> None:
     qlora = {

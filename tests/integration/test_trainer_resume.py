@@ -72,6 +72,7 @@ def test_sigterm_then_restart_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert len(list((resumed / "checkpoints").glob("step-*/manifest.json"))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_resume_with_another_training_config_refuses_naming_the_fields(tmp_path: Path) -> None:
     data = tr.write_rows(tmp_path / "rows.jsonl", 96)
@@ -117,6 +118,7 @@ def _signal_at(proc: subprocess.Popen[str], marker: str, sig: signal.Signals) ->
     return "".join(seen) + rest
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_before_training_exits_12_with_a_message(tmp_path: Path) -> None:
     data = tr.write_rows(tmp_path / "rows.jsonl", 96)
@@ -131,6 +133,7 @@ def test_sigterm_before_training_exits_12_with_a_message(tmp_path: Path) -> None
     assert "SIGTERM during the model stage" in message["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ctrl_c_checkpoints_and_a_signal_after_training_redoes_only_evaluation(
     tmp_path: Path,
@@ -171,6 +174,7 @@ def test_ctrl_c_checkpoints_and_a_signal_after_training_redoes_only_evaluation(
     assert [h["step"] for h in report["history"]] == list(range(1, 7))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_newest_that_verifies(
     tmp_path: Path,
@@ -206,6 +210,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_newest_that_verifies(
     assert recorded["trainable.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_killed_runs_litter_is_gone_after_the_next_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

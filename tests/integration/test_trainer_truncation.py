@@ -23,6 +23,7 @@ def _run(tmp_path: Path, max_len: int) -> tuple[int, str, Path]:
     return code, out, output
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_answers_cut_in_every_row_is_refused(tmp_path: Path) -> None:
     # 16 tokens: the demo rows' prompts alone are longer, so every answer loses its end.
@@ -37,6 +38,7 @@ def test_answers_cut_in_every_row_is_refused(tmp_path: Path) -> None:
     assert not (output / "checkpoints").exists() and not (output / "adapter").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_many_truncated_rows_warn_in_the_log_and_the_report(tmp_path: Path) -> None:
     code, out, output = _run(tmp_path, 64)
