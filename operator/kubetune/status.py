@@ -511,8 +511,10 @@ def compute(
     out["startTime"] = start
     out["progress"] = previous.progress
     if live is not None:
-        out["progress"] = live.model_copy(
-            update={"etaSeconds": _eta(live, _parse_time(start), now)}
+        out["progress"] = with_eval_point(
+            live.model_copy(update={"etaSeconds": _eta(live, _parse_time(start), now)}),
+            previous.progress,
+            spec.training.evalEverySteps,
         )
 
     complete = _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet")
@@ -566,8 +568,15 @@ def _succeeded(
     final = (result or {}).get("progress")
     if isinstance(final, dict):  # the trainer's last word beats the last scrape
         with contextlib.suppress(ValidationError):
-            out["progress"] = api.Progress.model_validate(final).model_copy(
-                update={"etaSeconds": 0, "updatedAt": rfc3339(now)}
+            last = api.Progress.model_validate(final)
+            seen = out["progress"].evalHistory if out.get("progress") else []
+            out["progress"] = last.model_copy(
+                update={
+                    "etaSeconds": 0,
+                    "updatedAt": rfc3339(now),
+                    # the termination message may have had no room for the history
+                    "evalHistory": last.evalHistory or seen,
+                }
             )
     conds.set(RUNNING, "False", FINISHED, message)
     conds.set(SUCCEEDED, "True", TRAINING_COMPLETE, message)
@@ -730,3 +739,16 @@ def patch_for(
         if key not in new_api:
             patch[key] = None
     return patch
+
+
+def with_eval_point(live: api.Progress, previous: api.Progress | None, every: int) -> api.Progress:
+    """``live`` with status.progress.evalHistory carried on from ``previous``, plus a point when
+    the validation loss changed since the last one: at the step of that evaluation (the
+    trainer evaluates every ``every`` steps; a scrape sees the step after it)."""
+    history = list(previous.evalHistory if previous is not None else [])
+    if live.evalLoss is not None and live.step:
+        step = live.step - live.step % every
+        last = history[-1] if history else None
+        if last is None or (last.evalLoss != live.evalLoss and last.step < step):
+            history.append(api.EvalPoint(step=step, evalLoss=live.evalLoss))
+    return live.model_copy(update={"evalHistory": history[-api.MAX_EVAL_HISTORY :]})

@@ -287,7 +287,9 @@ def should_prune(
     spec: FineTuneSweepSpec, records: Sequence[TrialRecord], record: TrialRecord
 ) -> bool:
     """Optuna's median rule on validation loss: ``record``'s best loss so far against the median
-    of the succeeded trials' losses at its latest reported step."""
+    of the succeeded trials' losses at its latest reported step. A succeeded trial that
+    stopped before that step counts with its last loss (carried forward), so runs of other
+    lengths, and steps seen only by a periodic read of a running trial, still compare."""
     early = spec.earlyStopping
     if early is None or record.phase not in ACTIVE or not record.curve:
         return False
@@ -296,8 +298,13 @@ def should_prune(
     )
     study = optuna.create_study(direction="minimize")  # validation loss, whatever the objective
     dists = distributions(spec)
+    step = max(record.curve)
     for other in records:
         if other.phase == "Succeeded" and other.curve and other.number != record.number:
+            reached = [s for s in other.curve if s <= step]
+            curve = dict(other.curve)
+            if reached:  # the loss it had at `step`: its last one at or before
+                curve[step] = other.curve[max(reached)]
             frozen = _frozen(other, dists)
             if frozen is not None:
                 study.add_trial(
@@ -306,7 +313,7 @@ def should_prune(
                         value=other.curve[max(other.curve)],
                         params=frozen.params,
                         distributions=frozen.distributions,
-                        intermediate_values=dict(other.curve),
+                        intermediate_values=curve,
                     )
                 )
     candidate = _frozen(record, dists, TrialState.RUNNING)

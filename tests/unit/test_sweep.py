@@ -236,3 +236,15 @@ def test_trial_jobs_round_trip_through_the_api_form() -> None:
     jobs[0]["status"]["phase"] = "Suspended"
     (pruned, _) = sweep.records_from_jobs(sweep_obj.spec, jobs)
     assert pruned.phase == "Pruned" and "step 10" in (pruned.message or "")
+
+
+def test_pruning_compares_with_shorter_finished_runs_at_their_last_loss() -> None:
+    s = spec()
+    params = {"training.learningRate": 1e-3, "method.lora.r": 4}
+    done = [
+        TrialRecord(0, "a", params, "Succeeded", 1.0, {2: 2.0, 4: 1.0}),
+        TrialRecord(1, "b", params, "Succeeded", 1.2, {2: 2.2, 4: 1.2, 6: 1.1}),
+    ]
+    # seen only at step 36 (a periodic read): still compared, with a's 1.0 and b's 1.1
+    assert sweep.should_prune(s, done, TrialRecord(2, "c", params, "Running", curve={36: 5.0}))
+    assert not sweep.should_prune(s, done, TrialRecord(2, "c", params, "Running", curve={36: 0.9}))
