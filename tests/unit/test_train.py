@@ -208,3 +208,36 @@ def test_validation_loss_is_the_same_packed_or_padded() -> None:
     assert losses["flat"] is not None
     assert losses["rows"] == pytest.approx(losses["flat"], rel=1e-5)
     assert losses["padded"] == pytest.approx(losses["flat"], rel=1e-5)
+
+
+def _spec(**training: Any) -> api.FineTuneJobSpec:
+    return api.FineTuneJobSpec.model_validate(
+        tr.spec_dict(Path("d.jsonl"), Path("out"), **training)
+    )
+
+
+def test_the_fingerprint_holds_what_changes_the_weights_and_nothing_else() -> None:
+    hashes = {"data": "abc"}
+    base = train.fingerprint(_spec(), hashes, world_size=1)
+    # Neutral: checkpoint cadence, where the data lives, evaluation, output, resources.
+    neutral = _spec(checkpointEverySteps=5, keepCheckpoints=4, gradientCheckpointing=True)
+    neutral.dataset.source = "elsewhere/d.jsonl"
+    neutral.evaluation.maxNewTokens = 99
+    neutral.output.mergeAdapter = True
+    assert train.fingerprint(neutral, hashes, world_size=1) == base
+    # Two processes with half the accumulation: the same optimizer step.
+    assert train.fingerprint(_spec(gradientAccumulationSteps=2), hashes, 1) == train.fingerprint(
+        _spec(), hashes, 2
+    )
+    changed = _spec(learningRate=0.0001, seed=8)
+    changed.dataset.maxSeqLength = 256
+    assert changed.method.lora is not None
+    changed.method.lora.r = 8
+    differences = train.fingerprint_differences(base, train.fingerprint(changed, {"data": "d"}, 1))
+    assert differences == [
+        'data "abc" -> "d"',
+        "spec.dataset.maxSeqLength 128 -> 256",
+        "spec.method.lora.r 4 -> 8",
+        "spec.training.learningRate 0.002 -> 0.0001",
+        "spec.training.seed 7 -> 8",
+    ]
