@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +242,19 @@ def test_the_fingerprint_holds_what_changes_the_weights_and_nothing_else() -> No
         "spec.training.learningRate 0.002 -> 0.0001",
         "spec.training.seed 7 -> 8",
     ]
+
+
+def test_a_resume_with_another_number_of_processes_continues_the_same_plan() -> None:
+    spec = _training(batchSize=2, packing=False)
+    lengths = [8 + i % 5 for i in range(40)]
+    one = train.rank_batches(lengths, spec, 64, 0, train.World())
+    # One process did 6 micro-batches; two ranks go on with the plan's 7th and 8th.
+    state = train.TrainState(step=3, batch=6, tokens=600, world_size=1).for_world(2)
+    assert (state.batch, state.tokens, state.world_size) == (3, 300, 2)
+    ranks = [train.rank_batches(lengths, spec, 64, 0, train.World(r, 2)) for r in range(2)]
+    assert [ranks[0][state.batch], ranks[1][state.batch]] == one[6:8]
+    # And back: two ranks' 3 each are the plan's first 6.
+    back = replace(state, batch=4).for_world(1)
+    assert back.batch == 8 and one[8] == ranks[0][4]
+    # A checkpoint that did not record its world size keeps its position.
+    assert train.TrainState(batch=5).for_world(2).batch == 5

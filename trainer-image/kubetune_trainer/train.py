@@ -25,7 +25,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -66,6 +66,19 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Processes that wrote this state (batch and tokens are per rank); None: a checkpoint
+    # from before this was recorded, taken as written by as many processes as now.
+    world_size: int | None = None
+
+    def for_world(self, size: int) -> TrainState:
+        """This state for `size` processes. Rank r takes every size-th micro-batch of one
+        plan, so k micro-batches on each of n ranks are the plan's first k*n: resume at
+        k*n // size (a few micro-batches run again when it does not divide, none is skipped)."""
+        if self.world_size is None or self.world_size == size:
+            return replace(self, world_size=size)
+        consumed = self.batch * self.world_size
+        tokens = self.tokens * self.world_size
+        return replace(self, batch=consumed // size, tokens=tokens // size, world_size=size)
 
 
 @dataclass
@@ -550,6 +563,7 @@ def train(
     lengths = [len(s.input_ids) for s in setup.train]
     accum = spec.gradientAccumulationSteps
     params = list(trainable_parameters(setup.core).values())
+    state = state.for_world(world.size)  # a job may come back with another number of GPUs
     started, steps_at_start, tokens_at_start = time.monotonic(), state.step, state.tokens
     saved_at = state.step  # a resumed step is committed already; step 0 never is needed
     previous = started
