@@ -19,7 +19,7 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from kubetune import api, k8s, metrics, render
+from kubetune import api, k8s, metrics, render, sweep_handlers
 from kubetune import status as st
 from kubetune.policy import license_problem
 from kubetune.settings import Settings
@@ -328,6 +328,8 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
         when=_not_finished,
         registry=registry,
     )(op.refresh)
+
+    sweep_handlers.register(registry, op.client, config.progress_interval)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     def deleted(*, namespace: str | None, name: str, **_: Any) -> None:

@@ -50,6 +50,7 @@ _PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("batch/v1", "Job"): "jobs",
+    ("kubetune.io/v1alpha1", "FineTuneJob"): "finetunejobs",  # a FineTuneSweep's trials
 }
 
 
@@ -215,6 +216,16 @@ class Client:
             body={"spec": {"suspend": suspend}},
             content_type="application/merge-patch+json",
             operation="patch_job",
+        )
+
+    async def patch_finetunejob(self, namespace: str, name: str, body: Mapping[str, Any]) -> None:
+        """A merge patch on a FineTuneJob (a sweep suspends the trials it prunes)."""
+        await self._request(
+            "PATCH",
+            f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}",
+            body=dict(body),
+            content_type="application/merge-patch+json",
+            operation="patch_finetunejobs",
         )
 
     async def close(self) -> None:

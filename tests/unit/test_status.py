@@ -454,7 +454,8 @@ def test_an_oversized_result_keeps_its_gates_and_they_decide() -> None:
 
 def test_live_reads_build_the_eval_history_a_sweep_prunes_on() -> None:
     progress = None
-    for step, eval_loss in [(3, None), (10, 2.0), (12, 2.0), (21, 1.5), (25, 1.5), (31, 1.2)]:
+    reads = [(3, None), (4, 0.0), (10, 2.0), (12, 2.0), (21, 1.5), (25, 1.5), (31, 1.2)]
+    for step, eval_loss in reads:
         live = api.Progress(step=step, evalLoss=eval_loss)
         progress = st.with_eval_point(live, progress, every=10)
     assert progress is not None

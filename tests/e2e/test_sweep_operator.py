@@ -1,0 +1,179 @@
+"""A FineTuneSweep in the emulated cluster: the real operator makes its trials (FineTuneJobs),
+the kubelet fixture runs each trial's real trainer on the demo model from a moto S3 server,
+median pruning suspends a trial that falls behind, an operator restart mid-sweep changes
+nothing, and deleting the sweep deletes its trials (owner references, garbage collection).
+
+Harness: the kmock emulator (tests/support/kmock_adapter.py), as the other e2e tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune import sweep_api, sweep_crd
+from tests.e2e.test_operator_e2e import manifest
+from tests.support import s3 as s3_support
+from tests.support.operator_harness import ROOT, Cluster, wait_for
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+FTS = "kubetune.io/v1alpha1"
+BAD_LR = 1e-7  # learns nothing: behind the median at its first evaluation
+LONG = 60  # steps of the trials that run long enough to be seen mid-run
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: str) -> str:
+    name = s3_support.new_bucket(s3_server)
+    client = s3_support.client(s3_server)
+    demo = ROOT / "examples" / "demo-model"
+    for path in demo.iterdir():
+        if path.is_file():
+            client.upload_file(str(path), name, f"model/{path.name}")
+    client.upload_file(
+        str(ROOT / "examples" / "data" / "quickstart.jsonl"), name, "data/train.jsonl"
+    )
+    return name
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, progress_interval=0.5, crd_via_kubectl=True)
+    c.kubectl("apply", "--validate=false", "-f", str(ROOT / "crds" / sweep_crd.CRD_FILENAME))
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-credentials", "namespace": "default"},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": s3_support.TEST_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": s3_support.TEST_SECRET,
+        },
+    }
+    c.kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(secret))
+    c.start_operator()
+    c.start_kubelet()
+    try:
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()
+
+
+def sweep_manifest(bucket: str, endpoint: str) -> dict[str, Any]:
+    template = yaml.safe_load(manifest("t", bucket, endpoint))["spec"]
+    template["output"]["destination"] = f"s3://{bucket}/sweeps/s"
+    template["training"]["checkpointEverySteps"] = 1000
+    document: dict[str, Any] = {
+        "apiVersion": FTS,
+        "kind": "FineTuneSweep",
+        "metadata": {"name": "s", "namespace": "default"},
+        "spec": {
+            "template": template,
+            "parameters": [
+                {"path": "training.learningRate", "type": "categorical", "choices": [5e-3, BAD_LR]},
+                {"path": "training.maxSteps", "type": "categorical", "choices": [4, 6, LONG]},
+            ],
+            "objective": {"metric": "evalLoss", "direction": "minimize"},
+            "algorithm": {"sampler": "grid", "seed": 0},
+            "maxTrials": 6,
+            "parallelism": 2,
+            "earlyStopping": {"startupTrials": 2},
+        },
+    }
+    # The grid's order follows the seed: take one that runs both short good trials first and
+    # the long bad one after them, so it is pruned mid-run.
+    from kubetune import sweep
+
+    def order(seed: int) -> list[tuple[float, int]]:
+        spec = {**document["spec"], "algorithm": {"sampler": "grid", "seed": seed}}
+        parsed = sweep_api.parse_sweep({**document, "spec": spec}).spec
+        return [(c["training.learningRate"], c["training.maxSteps"]) for c in sweep._grid(parsed)]
+
+    document["spec"]["algorithm"]["seed"] = next(
+        s
+        for s in range(200)
+        if set(order(s)[:2]) == {(5e-3, 4), (5e-3, 6)} and order(s)[2] == (BAD_LR, LONG)
+    )
+    return document
+
+
+def trials(cluster: Cluster) -> list[dict[str, Any]]:
+    return cluster.kube.list(FTS, "finetunejobs", "default", "kubetune.io/finetunesweep=s")
+
+
+def sweep_status(cluster: Cluster) -> dict[str, Any]:
+    obj = cluster.kube.get(FTS, "finetunesweeps", "default", "s") or {}
+    return dict(obj.get("status") or {})
+
+
+def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
+    cluster: Cluster, bucket: str, s3_server: str
+) -> None:
+    cluster.kubectl(
+        "apply",
+        "--validate=false",
+        "-f",
+        "-",
+        input=yaml.safe_dump(sweep_manifest(bucket, s3_server)),
+    )
+    wait_for("two trials", lambda: len(trials(cluster)) == 2, timeout=60)
+    assert sweep_status(cluster).get("running") == 2  # parallelism 2
+
+    cluster.stop_operator()  # restart mid-sweep
+    cluster.start_operator()
+
+    def finished() -> dict[str, Any] | None:
+        s = sweep_status(cluster)
+        seen = {
+            j["metadata"]["name"]: (
+                (j.get("status") or {}).get("phase"),
+                j["spec"].get("suspend"),
+                ((j.get("status") or {}).get("progress") or {}).get("evalHistory"),
+            )
+            for j in trials(cluster)
+        }
+        print(s.get("phase"), s.get("message"), seen, flush=True)
+        return s if s.get("phase") in ("Succeeded", "Failed") else None
+
+    done = wait_for("the sweep to finish", finished, timeout=300, every=5.0)
+    jobs = {j["metadata"]["name"]: j for j in trials(cluster)}
+    assert sorted(jobs) == [f"s-t{n:03d}" for n in range(6)], sorted(jobs)  # no more, no less
+    combos = {
+        json.dumps(
+            json.loads(j["metadata"]["annotations"]["kubetune.io/trial-params"]), sort_keys=True
+        )
+        for j in jobs.values()
+    }
+    assert len(combos) == 6  # each grid point once
+    assert done["phase"] == "Succeeded", done.get("message")
+
+    rows = {r["name"]: r for r in done["trials"]}
+    pruned = [n for n, r in rows.items() if r["phase"] == "Pruned"]
+    assert pruned, rows
+    bad_long = next(
+        n
+        for n, j in jobs.items()
+        if j["spec"]["training"]["learningRate"] == BAD_LR
+        and j["spec"]["training"]["maxSteps"] == LONG
+    )
+    assert bad_long in pruned and jobs[bad_long]["spec"]["suspend"] is True
+    # the best trial: the lowest evalLoss among the trials' own (FineTuneJob) statuses
+    finished = {
+        n: j["status"]["progress"]["evalLoss"]
+        for n, j in jobs.items()
+        if j.get("status", {}).get("phase") == "Succeeded" and n not in pruned
+    }
+    best = min(finished, key=finished.__getitem__)
+    assert done["best"]["name"] == best and done["bestObjective"] == finished[best]
+    assert done["best"]["artifacts"]["adapter"].startswith(f"s3://{bucket}/sweeps/s/{best}")
+
+    cluster.kube.delete(FTS, "finetunesweeps", "default", "s")
+    wait_for("the trials to be deleted with the sweep", lambda: trials(cluster) == [], timeout=60)
