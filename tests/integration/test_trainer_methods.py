@@ -123,5 +123,15 @@ def test_early_stopping_ends_the_run_and_is_reported(tmp_path: Path) -> None:
 
 def test_checkpoint_of_another_job_is_a_user_error(tmp_path: Path) -> None:
     _run(tmp_path, {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj"]}})
-    with pytest.raises(UserError, match=r"checkpoint checkpoints/step-3 does not match the model"):
+    # The fingerprint names the field that differs before any weights are read.
+    with pytest.raises(UserError, match=r"step-3 was trained with another config \(spec.method"):
+        _run(tmp_path, {"type": "lora", "lora": {"r": 8, "targetModules": ["q_proj"]}})
+    # A checkpoint from before fingerprints existed: the shapes still give it away.
+    for fingerprint in (tmp_path / "out" / "checkpoints").glob("*/fingerprint.json"):
+        fingerprint.unlink()
+    for manifest in (tmp_path / "out" / "checkpoints").glob("*/manifest.json"):
+        body = json.loads(manifest.read_text())
+        body["files"] = [f for f in body["files"] if f["path"] != "fingerprint.json"]
+        manifest.write_text(json.dumps(body))
+    with pytest.raises(UserError, match=r"checkpoints/step-3 does not match the model"):
         _run(tmp_path, {"type": "lora", "lora": {"r": 8, "targetModules": ["q_proj"]}})
