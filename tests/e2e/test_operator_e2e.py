@@ -359,3 +359,73 @@ def test_two_nodes_rendezvous_through_the_headless_service_and_train_ddp(
     report = s3_key(status["artifacts"]["report"], bucket)
     body = s3_support.client(s3_server).get_object(Bucket=bucket, Key=report)["Body"].read()
     assert yaml.safe_load(body)["training"]["worldSize"] == 2
+
+
+def _phase_and_reason(cluster: Cluster, name: str) -> tuple[str | None, str | None]:
+    status = cluster.status(name)
+    running = next((c for c in status.get("conditions") or [] if c["type"] == "Running"), {})
+    return status.get("phase"), running.get("reason")
+
+
+def test_kueue_admits_one_gpu_job_at_a_time(ns: Cluster, bucket: str, s3_server: str) -> None:
+    """A ClusterQueue with nvidia.com/gpu: 1: of two 1-GPU FineTuneJobs the second waits
+    (Pending, reason Queued) until the first finishes, then runs."""
+    queue = f"cq-{ns.ns}"
+    ns.apply(
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": "default-flavor"},
+        }
+    )
+    ns.apply(
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": queue},
+            "spec": {
+                "namespaceSelector": {},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": "default-flavor",
+                                "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 1}],
+                            }
+                        ],
+                    }
+                ],
+            },
+        }
+    )
+    ns.apply(
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": "team", "namespace": ns.ns},
+            "spec": {"clusterQueue": queue},
+        }
+    )
+    try:
+        for name in ("kq-first", "kq-second"):
+            doc = yaml.safe_load(
+                manifest(name, bucket, s3_server, maxSteps=6, resources={"gpus": 1})
+            )
+            doc["spec"]["scheduling"] = {"queueName": "team"}
+            ns.apply(doc)
+            if name == "kq-first":
+                progress_seen(ns, name, 1)
+        assert ns.wait_for(
+            "kq-second queued",
+            lambda: _phase_and_reason(ns, "kq-second") == ("Pending", "Queued"),
+            timeout=60,
+        )
+        assert not ns.pods("kq-second-trainer")  # Kueue keeps its Job suspended
+        ns.wait_phase("kq-first", "Succeeded", timeout=240)
+        progress_seen(ns, "kq-second", 1)  # admitted once the GPU is free
+        ns.wait_phase("kq-second", "Succeeded", timeout=240)
+        workloads = ns.kube.list("kueue.x-k8s.io/v1beta2", "workloads", ns.ns)
+        assert len(workloads) == 2
+    finally:
+        ns.kubectl("delete", "clusterqueue", queue, "--wait=false", check=False)

@@ -73,7 +73,7 @@ def kubectl(config: Path, *args: str, input: str | None = None, check: bool = Tr
 
 
 class Session:
-    def __init__(self, root: Path, *, progress_interval: float = 0.5, kueue: bool = False):
+    def __init__(self, root: Path, *, progress_interval: float = 0.5, kueue: bool = True):
         self.root = root
         self.plane = ControlPlane(root / "cluster", kueue=kueue)
         self.progress_interval = progress_interval
