@@ -1,6 +1,7 @@
 """The operator container as the chart renders it, run as a local process: the image's
-entrypoint with the Deployment's args and env, against the emulator. Its probes and metrics
-port answer where the Deployment says they are."""
+entrypoint with the Deployment's args and env, on the real test cluster as the chart's
+ServiceAccount. Its probes and metrics port answer where the Deployment says they are, and no
+request of it is forbidden."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.cluster import Session
 from tests.support.dockerfile import OPERATOR_DOCKERFILE, entrypoint
 from tests.support.helm_chart import CHART, one, render
-from tests.support.kmock_adapter import EmulatorThread
 from tests.support.prometheus import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,7 +28,9 @@ def get(url: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("variant", ["default", "namespaced"])
-def test_operator_runs_with_the_charts_args_env_and_probes(tmp_path: Path, variant: str) -> None:
+def test_operator_runs_with_the_charts_args_env_and_probes(
+    tmp_path: Path, variant: str, kube_session: Session
+) -> None:
     metrics_port, health_port = free_port(), free_port()
     objects = render(
         CHART / "ci" / f"{variant}-values.yaml",
@@ -39,11 +42,11 @@ def test_operator_runs_with_the_charts_args_env_and_probes(tmp_path: Path, varia
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     env = {item["name"]: item["value"] for item in container["env"]}
 
-    emulator = EmulatorThread(crds=[CHART / "crds" / "finetunejobs.kubetune.io.yaml"]).start()
+    forbidden = len(kube_session.forbidden())
     log = (tmp_path / "operator.log").open("wb")
     process = subprocess.Popen(
         [*entrypoint(OPERATOR_DOCKERFILE, Path(sys.executable).parent), *container["args"]],
-        env={**os.environ, **env, "KUBECONFIG": str(emulator.write_kubeconfig(tmp_path / "kc"))},
+        env={**os.environ, **env, "KUBECONFIG": str(kube_session.operator_kubeconfig)},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -55,6 +58,7 @@ def test_operator_runs_with_the_charts_args_env_and_probes(tmp_path: Path, varia
         status, text = get(f"http://127.0.0.1:{ports['metrics']}/metrics")
         assert status == 200 and 'kubetune_finetunejobs{phase="Pending"}' in text
         assert process.poll() is None, "the operator exited"
+        assert kube_session.forbidden()[forbidden:] == []
     except (AssertionError, TimeoutError) as error:
         log.flush()
         raise AssertionError(
@@ -68,4 +72,3 @@ def test_operator_runs_with_the_charts_args_env_and_probes(tmp_path: Path, varia
             process.kill()
             process.wait(5)
         log.close()
-        emulator.stop()
