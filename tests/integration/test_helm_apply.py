@@ -1,8 +1,7 @@
-"""The rendered chart applies with the real kubectl to the Kubernetes emulator (kmock + adapter).
-
-kmock is not a real API server (no admission, no controllers): what this proves is that kubectl
-accepts every object, the API paths and kinds exist (the CRD from the chart starts serving
-FineTuneJobs), and a second apply is a no-op — what a GitOps tool does on every sync.
+"""The rendered chart applies with the real kubectl, with validation, to a real kube-apiserver
+(a fresh control plane per test: tests/support/controlplane.py): every object is admitted and
+stored as rendered (plus the server's defaults), the chart's CRD serves FineTuneJobs with its
+printer columns, and a second apply is a no-op — what a GitOps tool does on every sync.
 """
 
 from __future__ import annotations
@@ -16,13 +15,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.controlplane import ControlPlane
 from tests.support.helm_chart import CHART, CI_VALUES, NAMESPACE, ROOT, render
-from tests.support.kmock_adapter import EmulatorThread, Kube
+from tests.support.kube import Kube
 from tests.support.tools import binary
 
 pytestmark = pytest.mark.timeout(120)
 
-# In a real cluster the Prometheus Operator installs these; kmock knows only built-in kinds.
+# In a real cluster the Prometheus Operator installs these.
 # Stubs with an open schema: the fields themselves are checked in test_helm_chart.py.
 MONITORING_CRDS = [
     ("servicemonitors", "ServiceMonitor"),
@@ -63,8 +63,8 @@ def stub_crd(plural: str, kind: str) -> dict[str, Any]:
 
 
 class Cluster:
-    def __init__(self, emulator: EmulatorThread, kubeconfig: Path) -> None:
-        self.kube = Kube(emulator.url)
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kube = Kube(kubeconfig)
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         self.kubectl_bin = binary("kubectl")
 
@@ -75,22 +75,39 @@ class Cluster:
         )  # fmt: skip
 
     def apply(self, documents: list[dict[str, Any]]) -> list[str]:
-        # --validate=false: kubectl's validation downloads the OpenAPI document, which kmock
-        # does not serve; kubernetes-validate checks the same objects in test_helm_chart.py.
-        done = self.kubectl(
-            "apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(documents)
-        )
+        done = self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    emulator = EmulatorThread().start()
+    plane = ControlPlane(tmp_path / "cluster", kueue=False).up()
     try:
-        yield Cluster(emulator, emulator.write_kubeconfig(tmp_path / "kubeconfig"))
+        yield Cluster(plane.kubeconfig)
     finally:
-        emulator.stop()
+        plane.down()
+
+
+def differences(rendered: Any, stored: Any, path: str = "") -> list[str]:
+    """Where what was rendered is not stored unchanged (the server may add defaults)."""
+    if isinstance(rendered, dict) and isinstance(stored, dict):
+        return [
+            d
+            for k, v in rendered.items()
+            for d in (
+                differences(v, stored[k], f"{path}.{k}")
+                if k in stored
+                else ([] if v == "" else [f"{path}.{k}: gone"])  # "" is stored as absent
+            )
+        ]
+    if isinstance(rendered, list) and isinstance(stored, list) and len(rendered) == len(stored):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(rendered, stored, strict=True))
+            for d in differences(a, b, f"{path}[{i}]")
+        ]
+    return [] if rendered == stored else [f"{path}: {rendered!r} -> {stored!r}"]
 
 
 def namespaces(*names: str) -> list[dict[str, Any]]:
@@ -138,7 +155,7 @@ def test_rendered_chart_applies_and_reapplies_unchanged(cluster: Cluster, values
         assert stored is not None, f"{obj['kind']}/{obj['metadata']['name']} was not stored"
         for field in ("spec", "rules", "roleRef", "subjects", "data"):
             if field in obj:
-                assert stored[field] == obj[field], f"{obj['kind']}.{field} differs once stored"
+                assert differences(obj[field], stored[field], f"{obj['kind']}.{field}") == []
 
     again = cluster.apply(crds) + cluster.apply(rest)
     assert all(line.endswith(" unchanged") for line in again), again
@@ -154,10 +171,6 @@ def test_the_charts_crd_serves_finetunejobs_to_kubectl(cluster: Cluster) -> None
     listed = cluster.kubectl("get", "ftj", "-n", "ml-team", "-o", "name")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == ["finetunejob.kubetune.io/quickstart"]
-    # The printer columns come from the CRD: kubectl asks for a Table and the emulator may not
-    # render one, so check the column definitions kubectl would use.
-    crd = cluster.kube.get(
-        "apiextensions.k8s.io/v1", "customresourcedefinitions", None, "finetunejobs.kubetune.io"
-    )
-    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns[0] == "Phase" and "Progress" in columns
+    # The printer columns: the API server renders the Table from the CRD.
+    header = cluster.kubectl("get", "ftj", "-n", "ml-team").stdout.splitlines()[0].split()
+    assert header[:3] == ["NAME", "PHASE", "PROGRESS"]

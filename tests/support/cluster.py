@@ -60,12 +60,14 @@ def wait_for(
 
 
 def kubectl(config: Path, *args: str, input: str | None = None, check: bool = True) -> str:
+    # `kubectl wait --timeout=Ns` gets N s and a margin; anything else a minute.
+    waits = [int(a.split("=")[1].rstrip("s")) for a in args if a.startswith("--timeout=")]
     result = subprocess.run(
         [binary("kubectl"), f"--kubeconfig={config}", *args],
         input=input,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=max([60, *[w + 30 for w in waits]]),
     )
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
