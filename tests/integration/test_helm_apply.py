@@ -143,7 +143,10 @@ def test_rendered_chart_applies_and_reapplies_unchanged(cluster: Cluster, values
     # CRDs first, as `helm install` does with crds/ (and as docs/operations.md tells).
     crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
     rest = [o for o in objects if o["kind"] != "CustomResourceDefinition"]
-    first = cluster.apply(crds) + cluster.apply(rest)
+    first = cluster.apply(crds)
+    waited = cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+    assert waited.returncode == 0, waited.stderr
+    first += cluster.apply(rest)
     assert len(first) == len(objects)
     assert all(line.endswith(" created") for line in first), first
 
@@ -165,6 +168,9 @@ def test_the_charts_crd_serves_finetunejobs_to_kubectl(cluster: Cluster) -> None
     objects = render(CHART / "ci" / "namespaced-values.yaml", include_crds=True)
     cluster.apply(namespaces(NAMESPACE, "ml-team"))
     cluster.apply([o for o in objects if o["kind"] == "CustomResourceDefinition"])
+    # A real API server serves a new CRD only once it is Established.
+    waited = cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+    assert waited.returncode == 0, waited.stderr
     example = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     example["metadata"]["namespace"] = "ml-team"
     assert cluster.apply([example]) == ["finetunejob.kubetune.io/quickstart created"]
