@@ -56,9 +56,10 @@ def test_every_example_applies_and_get_shows_the_printer_columns(cluster: Cluste
     columns = CRD["spec"]["versions"][0]["additionalPrinterColumns"]
     expected = ["NAME", *[c["name"].upper() for c in columns if not c.get("priority")]]
     assert header.split() == expected
-    assert sorted(r.split()[0] for r in rows) == sorted(names)
+    listed = {r.split()[0] for r in rows}  # with the FineTuneSweep example's trials
+    assert set(names) <= listed, (names, listed)
     # The short name and the category resolve too.
-    assert cluster.kubectl("get", "finetunejobs", "-o", "name").count("finetunejob") == len(names)
+    assert cluster.kubectl("get", "finetunejobs", "-o", "name").count("finetunejob") >= len(names)
 
 
 # ---- one corpus of bad manifests, two judges
