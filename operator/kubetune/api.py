@@ -962,11 +962,20 @@ class TrainerConfig(ApiModel):
 _REL_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*): (.*)$", re.S)
 
 
+def _path_part(part: str | int) -> str:
+    # A key that is not a plain name (empty, spaces, ": ") is quoted so the path stays readable.
+    if isinstance(part, int):
+        return f"[{part}]"
+    if part.replace("-", "_").isidentifier():
+        return part
+    return f"[{json.dumps(part, ensure_ascii=False)}]"
+
+
 def format_errors(error: ValidationError, prefix: Iterable[str | int] = ()) -> list[str]:
     """One 'field.path: message' line per problem, in the manifest's camelCase names."""
     lines = []
     for item in error.errors():
-        path = [f"[{p}]" if isinstance(p, int) else p for p in (*prefix, *item["loc"])]
+        path = [_path_part(p) for p in (*prefix, *item["loc"])]
         message = item["msg"]
         if item["type"] == "value_error":
             original = str(item.get("ctx", {}).get("error", ""))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def test_kubetune_run_trains_and_reports(tmp_path: Path) -> None:
     assert len(report["history"]) == 12
     assert report["status"]["reproducibility"]["dataHash"] == report["data"]["sha256"]
     assert set(report["data"]["splits"]) == {"train", "validation", "test"}
-    assert report["packages"]["torch"] == torch.__version__
+    # The distribution's version (a CUDA build's torch.__version__ adds a local tag, +cu130).
+    assert report["packages"]["torch"] == metadata.version("torch")
     for name in ("adapter", "tokenizer", "merged", "splits", "checkpoints/step-12"):
         assert (out / name / "manifest.json").is_file(), name
     assert (out / "loss-curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -59,6 +59,8 @@ def _check(document: Any) -> None:
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(document=json_values)
+@example(document={": ": None})  # a key that looks like the separator once printed a blank path
+@example(document={"spec": {"": 1}})
 def test_any_document_validates_or_names_fields(document: Any) -> None:
     _check(document)
     manifests.check_documents([document], "f.yaml")
