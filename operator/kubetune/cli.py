@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from kubetune import api, crd, manifests
 
-EXIT_OK, EXIT_INVALID = 0, 1
+EXIT_OK, EXIT_INVALID = 0, api.EXIT_USER_ERROR  # a bad manifest is a user error, like in run
 GPU_NAMES = ("H200", "H100-80GB", "A100-80GB", "A100-40GB", "L40S", "A10G", "L4", "T4")
 
 

@@ -110,5 +110,5 @@ def main(path: str, *, gpu_memory: str | None, gpu: str | None, as_json: bool) -
     reason = plan.does_not_fit(result, spec)
     if reason:
         print(f"DoesNotFit: {reason}", file=sys.stderr)
-        return 1
+        return api.EXIT_USER_ERROR
     return api.EXIT_OK

@@ -37,7 +37,7 @@ def test_broken_manifest_exits_1_with_file_name_and_field_path(
     broken = with_spec(method={"lora": {"r": 0}})
     bad.write_text(yaml.safe_dump_all([good, broken]))
     code, _, err = run(capsys, str(bad))
-    assert code == 1
+    assert code == 10
     assert err.splitlines() == [f"{bad}: demo: spec.method.lora.r: Input should be greater than 0"]
 
 
@@ -56,14 +56,14 @@ def test_malformed_files_give_one_clear_line(
     path = tmp_path / "f.yaml"
     path.write_text(content)
     code, _, err = run(capsys, str(path))
-    assert code == 1
+    assert code == 10
     assert expected in err
     assert "Traceback" not in err
 
 
 def test_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "/nonexistent/job.yaml")
-    assert code == 1 and "cannot read" in err
+    assert code == 10 and "cannot read" in err
 
 
 def test_console_script_entry_point() -> None:
@@ -90,7 +90,7 @@ def test_quoted_scalars_are_refused_like_the_api_server_does(
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(with_spec(**{f"training__{field}": value})))
     code, _, err = run(capsys, str(path))
-    assert code == 1
+    assert code == 10
     assert err.splitlines() == [f"{path}: demo: {expected}"]
 
 
@@ -113,7 +113,7 @@ def test_annotations_over_256_kib_are_refused(
     document["metadata"]["annotations"] = {"example.com/notes": "x" * (300 * 1024)}
     path.write_text(yaml.safe_dump(document))
     code, _, err = run(capsys, str(path))
-    assert code == 1
+    assert code == 10
     assert err.startswith(f"{path}: demo: metadata.annotations: total size ")
     assert "262144 bytes (256 KiB)" in err
     # Just under the limit (keys + values, in bytes) passes.
@@ -131,7 +131,7 @@ def test_a_spec_whose_configmap_exceeds_1_mib_is_refused(
     selector = {f"example.com/{i:04}-" + "k" * 290: "v" * 63 for i in range(3_000)}
     path.write_text(yaml.safe_dump(with_spec(resources__nodeSelector=selector)))
     code, _, err = run(capsys, str(path))
-    assert code == 1
+    assert code == 10
     (line,) = err.splitlines()
     assert line.startswith(f"{path}: demo: spec: the trainer's ConfigMap would be ")
     assert "limit of 1048576 bytes (1 MiB); the largest part is spec.resources" in line
@@ -144,7 +144,7 @@ def test_duplicate_keys_are_refused_with_the_line(
     text = yaml.safe_dump(minimal(), sort_keys=False)
     path.write_text(text.replace("  training:\n", "  training:\n    epochs: 3\n"))
     code, _, err = run(capsys, str(path))
-    assert code == 1
+    assert code == 10
     lines = path.read_text().splitlines()
     second = next(i for i, line in enumerate(lines, 1) if line == "    epochs: 1")
     assert err.splitlines() == [

@@ -100,7 +100,7 @@ def test_cli_bad_input_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> 
     assert cli.main(["plan", quickstart, "--gpu-memory", "lots"]) == 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --gpu-memory:")
-    assert cli.main(["plan", quickstart, "--gpu-memory", "1Mi"]) == 1
+    assert cli.main(["plan", quickstart, "--gpu-memory", "1Mi"]) == 10
     assert "DoesNotFit: lora needs about" in capsys.readouterr().err
     assert cli.main(["plan", quickstart, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

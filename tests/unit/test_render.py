@@ -246,7 +246,7 @@ def test_cli_render_refuses_a_bad_manifest_naming_the_field(tmp_path: Path) -> N
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     result = run_cli("render", str(path))
-    assert result.returncode == 1
+    assert result.returncode == 10
     assert "spec.training.batchSize" in result.stderr
     assert result.stdout == ""
 

@@ -69,7 +69,7 @@ def test_render_with_a_bad_setting_is_one_error_line(
 
     monkeypatch.setenv("KUBETUNE_LOG_FORMAT", "xml")
     example = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
-    assert cli.main(["render", str(example)]) == 1
+    assert cli.main(["render", str(example)]) == 10
     assert capsys.readouterr().err.splitlines() == [
         "error: KUBETUNE_LOG_FORMAT: Input should be 'plain' or 'json' (got 'xml')"
     ]
