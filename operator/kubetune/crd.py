@@ -14,7 +14,7 @@ from kubetune import api
 
 CRD_FILENAME = f"{api.PLURAL}.{api.GROUP}.yaml"
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {
         "name": "Progress",
@@ -139,12 +139,20 @@ def spec_and_status_schema() -> dict[str, Any]:
     }
 
 
-def crd() -> dict[str, Any]:
+def definition(
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: list[str],
+    printer_columns: list[dict[str, Any]],
+    schema: dict[str, Any],
+) -> dict[str, Any]:
+    """A namespaced kubetune.io CustomResourceDefinition with a status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{api.PLURAL}.{api.GROUP}",
+            "name": f"{plural}.{api.GROUP}",
             "labels": {
                 "app.kubernetes.io/name": "kubetune",
                 "app.kubernetes.io/part-of": "kubetune",
@@ -154,11 +162,11 @@ def crd() -> dict[str, Any]:
             "group": api.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": api.SHORT_NAMES,
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": short_names,
                 "categories": api.CATEGORIES,
             },
             "versions": [
@@ -167,12 +175,23 @@ def crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": spec_and_status_schema()},
+                    "additionalPrinterColumns": printer_columns,
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
+
+
+def crd() -> dict[str, Any]:
+    return definition(
+        api.KIND,
+        api.PLURAL,
+        api.SINGULAR,
+        api.SHORT_NAMES,
+        PRINTER_COLUMNS,
+        spec_and_status_schema(),
+    )
 
 
 def crd_yaml() -> str:

@@ -13,7 +13,7 @@ from kubetune import api, crd, sweep_api
 
 CRD_FILENAME = f"{sweep_api.PLURAL}.{api.GROUP}.yaml"
 
-PRINTER_COLUMNS = [
+PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {
         "name": "Trials",
@@ -62,39 +62,14 @@ def schema() -> dict[str, Any]:
 
 
 def sweep_crd() -> dict[str, Any]:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{sweep_api.PLURAL}.{api.GROUP}",
-            "labels": {
-                "app.kubernetes.io/name": "kubetune",
-                "app.kubernetes.io/part-of": "kubetune",
-            },
-        },
-        "spec": {
-            "group": api.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": sweep_api.KIND,
-                "listKind": f"{sweep_api.KIND}List",
-                "plural": sweep_api.PLURAL,
-                "singular": sweep_api.SINGULAR,
-                "shortNames": sweep_api.SHORT_NAMES,
-                "categories": api.CATEGORIES,
-            },
-            "versions": [
-                {
-                    "name": api.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": schema()},
-                }
-            ],
-        },
-    }
+    return crd.definition(
+        sweep_api.KIND,
+        sweep_api.PLURAL,
+        sweep_api.SINGULAR,
+        sweep_api.SHORT_NAMES,
+        PRINTER_COLUMNS,
+        schema(),
+    )
 
 
 def crd_yaml() -> str:
