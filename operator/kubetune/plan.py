@@ -367,17 +367,17 @@ def estimate(
     notes = []
     if on_gpu and gpu not in GPUS:
         notes.append("time assumes an A100 (bf16 312 TFLOP/s) at 40% utilization")
-    if device_memory is None:
+
+    def verdict(reason: str, method: Method, gpus: int) -> Plan:
         return Plan(
-            plans,
-            requested,
-            None,
-            tokens_per_epoch,
-            rate,
+            plans, requested, device_memory, tokens_per_epoch, rate, reason, method, gpus, notes
+        )
+
+    if device_memory is None:
+        return verdict(
             f"{requested}: no device memory known, nothing to compare",
             requested,
             max(1, spec.resources.gpus),
-            notes,
         )
     for p in plans:
         p.fits = _fits(p, device_memory)
@@ -386,67 +386,37 @@ def estimate(
     chosen = next(p for p in plans if p.method == requested)
     gpus = max(1, spec.resources.gpus) * spec.resources.numNodes
     if requested == "full" and full.gpus_needed is not None and full.gpus_needed <= gpus:
-        return Plan(
-            plans,
-            requested,
-            device_memory,
-            tokens_per_epoch,
-            rate,
+        return verdict(
             f"full fits on {gpus} GPU(s)",
             "full",
             gpus,
-            notes,
         )
     if chosen.fits and requested != "full":
-        return Plan(
-            plans,
-            requested,
-            device_memory,
-            tokens_per_epoch,
-            rate,
+        return verdict(
             f"{requested} fits on one GPU",
             requested,
             gpus,
-            notes,
         )
     # What would fit instead: the requested method on more GPUs (full), else the next lighter.
     if requested == "full" and full.gpus_needed is not None:
-        return Plan(
-            plans,
-            requested,
-            device_memory,
-            tokens_per_epoch,
-            rate,
+        return verdict(
             f"full needs {full.gpus_needed} GPUs (FSDP); or lora fits"
             if plans[1].fits
             else f"full needs {full.gpus_needed} GPUs (FSDP)",
             "full",
             full.gpus_needed,
-            notes,
         )
     for p in plans[1:]:
         if p.fits:
-            return Plan(
-                plans,
-                requested,
-                device_memory,
-                tokens_per_epoch,
-                rate,
+            return verdict(
                 f"{requested} does not fit one GPU; {p.method} does",
                 p.method,
                 1,
-                notes,
             )
-    return Plan(
-        plans,
-        requested,
-        device_memory,
-        tokens_per_epoch,
-        rate,
+    return verdict(
         "no method fits: lower batchSize or maxSeqLength, or enable gradientCheckpointing",
         requested,
         gpus,
-        notes,
     )
 
 
