@@ -750,7 +750,7 @@ def with_eval_point(live: api.Progress, previous: api.Progress | None, every: in
         step = live.step - live.step % every
         last = history[-1] if history else None
         if step == 0:
-            pass  # before the first evaluation the trainer's gauge reads 0: not a loss
+            pass  # no evaluation yet (an older trainer's gauge reads 0 until its first)
         elif last is None or (last.evalLoss != live.evalLoss and last.step < step):
             history.append(api.EvalPoint(step=step, evalLoss=live.evalLoss))
     return live.model_copy(update={"evalHistory": history[-api.MAX_EVAL_HISTORY :]})

@@ -323,6 +323,17 @@ def test_parse_the_trainers_real_metrics_page() -> None:
     )
 
 
+def test_no_eval_loss_before_the_first_evaluation() -> None:
+    telemetry = Telemetry(port=0)
+    telemetry.update(step=3, total_steps=120, loss=0.75)
+    assert "kubetune_trainer_eval_loss NaN" in telemetry.exposition()
+    p = st.parse_trainer_metrics(telemetry.exposition(), now=NOW)
+    assert p is not None and p.step == 3 and p.evalLoss is None
+    telemetry.update(step=10, eval_loss=0.9)
+    p = st.parse_trainer_metrics(telemetry.exposition(), now=NOW)
+    assert p is not None and p.evalLoss == 0.9
+
+
 @pytest.mark.parametrize("text", ["", "garbage {", "# only comments\n", "other_metric 1\n"])
 def test_unreadable_metrics_leave_progress_alone(text: str) -> None:
     assert st.parse_trainer_metrics(text, now=NOW) is None

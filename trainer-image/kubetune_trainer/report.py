@@ -62,6 +62,9 @@ class Telemetry:
             name: Gauge(f"kubetune_trainer_{name}", doc, registry=self.registry)
             for name, doc in GAUGES.items()
         }
+        # No validation loss until the first evaluation: NaN (absent to the operator, which
+        # skips non-finite values), not the 0 a fresh gauge reads.
+        self.gauges["eval_loss"].set(math.nan)
         self.server: Any = None
         self.port = 0
         if port > 0:

@@ -15,6 +15,7 @@ two plots: ``objective.png`` (objective per trial, best so far) and ``importance
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -40,8 +41,16 @@ REPORT = "sweep-report.json"
 # one trial, in a child process
 
 
-def _child(config_json: str, base_dir: str, log_path: str, events: Any) -> None:
-    """Run one trial's recipe; every outcome becomes one message on ``events``."""
+VERDICT_TIMEOUT = 120.0  # seconds a trial waits for the parent's verdict after an evaluation
+
+
+def _child(config_json: str, base_dir: str, log_path: str, events: Any, verdicts: Any) -> None:
+    """Run one trial's recipe; every outcome becomes one message on ``events``.
+
+    After each evaluation the trial waits for the parent's verdict on ``verdicts`` before its
+    next step: the pruning decision is taken at the step it is about, not some steps later
+    (a small model trains several steps in the time a message takes to be read). A pruned
+    trial gets its SIGTERM before the verdict, so the loop sees it at that very step."""
     from .__main__ import Options, run
 
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - the child's stdout for its life
@@ -51,6 +60,9 @@ def _child(config_json: str, base_dir: str, log_path: str, events: Any) -> None:
 
     def progress(entry: dict[str, Any]) -> None:
         events.put(("progress", {k: entry.get(k) for k in ("step", "totalSteps", "evalLoss")}))
+        if entry.get("evalLoss") is not None:
+            with contextlib.suppress(queue.Empty):  # no answer: the parent is gone; go on
+                verdicts.get(timeout=VERDICT_TIMEOUT)
 
     options = Options(
         base_dir=Path(base_dir),
@@ -89,10 +101,17 @@ class Running:
     record: TrialRecord
     process: Any
     events: Any
+    verdicts: Any
     started: float
     curve: dict[int, float] = field(default_factory=dict)
     step: int | None = None
     stopping: bool = False
+    waiting: bool = False  # evaluated, waiting for the verdict
+
+    def answer(self) -> None:
+        if self.waiting:
+            self.verdicts.put("stop" if self.stopping else "go on")
+            self.waiting = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +225,7 @@ class LocalSweep:
             {"number": record.number, "name": record.name, "params": dict(record.params)},
         )
         config = api.TrainerConfig(name=record.name, spec=spec)
-        events = self.context.Queue()
+        events, verdicts = self.context.Queue(), self.context.Queue()
         process = self.context.Process(
             target=_child,
             args=(
@@ -214,11 +233,12 @@ class LocalSweep:
                 str(self.base_dir),
                 str(folder / "train.log"),
                 events,
+                verdicts,
             ),
             daemon=False,
         )
         process.start()
-        self.running[record.name] = Running(record, process, events, time.monotonic())
+        self.running[record.name] = Running(record, process, events, verdicts, time.monotonic())
         params = ", ".join(f"{k}={sweep._value(v)}" for k, v in record.params.items())
         self.say(f"[{record.name}] started: {params} (log: {folder / 'train.log'})")
 
@@ -272,7 +292,8 @@ class LocalSweep:
         self.say(sweep.format_table(self.spec, self.records()))
 
     def poll(self) -> None:
-        """Read every child's events (waiting a little for the first), then prune."""
+        """Read every child's events (waiting a little for the first), then prune, then answer
+        the trials waiting after an evaluation."""
         for run in list(self.running.values()):
             try:
                 while True:
@@ -280,6 +301,7 @@ class LocalSweep:
                     if kind == "progress":
                         run.step = payload["step"]
                         if payload.get("evalLoss") is not None:
+                            run.waiting = True
                             run.curve[int(payload["step"])] = float(payload["evalLoss"])
                             self.say(
                                 f"[{run.record.name}] step {run.step}/"
@@ -294,6 +316,7 @@ class LocalSweep:
         records = self.records()
         for run in self.running.values():
             if run.stopping:
+                run.answer()
                 continue
             current = TrialRecord(
                 run.record.number,
@@ -306,7 +329,8 @@ class LocalSweep:
             if sweep.should_prune(self.spec, records, current):
                 run.stopping = True
                 self.say(f"[{run.record.name}] pruning: {sweep._pruned_message(run.curve)}")
-                os.kill(run.process.pid, signal.SIGTERM)
+                os.kill(run.process.pid, signal.SIGTERM)  # first: the verdict finds it seen
+            run.answer()
 
     def run(self) -> sweep_api.FineTuneSweepStatus:
         if self.finished or self.unfinished:
@@ -507,6 +531,7 @@ def run_sweep(
         status = runner.run()
     except KeyboardInterrupt:
         for run in runner.running.values():
+            run.answer()  # a trial waiting for a verdict goes on to see its SIGINT
             run.process.join(timeout=120)  # they got the SIGINT too: checkpoint and exit
         print("interrupted: rerun the same command to continue the sweep", file=sys.stderr)
         return 130
