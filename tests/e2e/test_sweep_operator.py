@@ -1,25 +1,23 @@
-"""A FineTuneSweep in the emulated cluster: the real operator makes its trials (FineTuneJobs),
-the kubelet fixture runs each trial's real trainer on the demo model from a moto S3 server,
-median pruning suspends a trial that falls behind, an operator restart mid-sweep changes
-nothing, and deleting the sweep deletes its trials (owner references, garbage collection).
-
-Harness: the kmock emulator (tests/support/kmock_adapter.py), as the other e2e tests.
+"""A FineTuneSweep on the real control plane (tests/support/controlplane.py): the operator, as
+the chart's ServiceAccount, makes the trials (FineTuneJobs), the real Job controller makes their
+pods and the process kubelet runs each trial's real trainer on the demo model from a moto S3
+server; median pruning suspends a trial that falls behind, an operator restart mid-sweep
+changes nothing, and deleting the sweep deletes its trials and their Jobs (owner references,
+the real garbage collector).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from kubetune import sweep_api, sweep_crd
-from tests.e2e.test_operator_e2e import manifest
+from kubetune import sweep, sweep_api
+from tests.e2e.test_operator_e2e import DATASET, DEMO_MODEL, manifest
 from tests.support import s3 as s3_support
-from tests.support.operator_harness import ROOT, Cluster, wait_for
+from tests.support.cluster import Cluster
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -32,49 +30,21 @@ LONG = 60  # steps of the trials that run long enough to be seen mid-run
 def bucket(s3_server: str) -> str:
     name = s3_support.new_bucket(s3_server)
     client = s3_support.client(s3_server)
-    demo = ROOT / "examples" / "demo-model"
-    for path in demo.iterdir():
+    for path in DEMO_MODEL.iterdir():
         if path.is_file():
             client.upload_file(str(path), name, f"model/{path.name}")
-    client.upload_file(
-        str(ROOT / "examples" / "data" / "quickstart.jsonl"), name, "data/train.jsonl"
-    )
+    client.upload_file(str(DATASET), name, "data/train.jsonl")
     return name
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, progress_interval=0.5, crd_via_kubectl=True)
-    c.kubectl("apply", "--validate=false", "-f", str(ROOT / "crds" / sweep_crd.CRD_FILENAME))
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "s3-credentials", "namespace": "default"},
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": s3_support.TEST_KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": s3_support.TEST_SECRET,
-        },
-    }
-    c.kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(secret))
-    c.start_operator()
-    c.start_kubelet()
-    try:
-        yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
-
-
-def sweep_manifest(bucket: str, endpoint: str) -> dict[str, Any]:
+def sweep_manifest(bucket: str, endpoint: str, namespace: str) -> dict[str, Any]:
     template = yaml.safe_load(manifest("t", bucket, endpoint))["spec"]
     template["output"]["destination"] = f"s3://{bucket}/sweeps/s"
     template["training"]["checkpointEverySteps"] = 1000
     document: dict[str, Any] = {
         "apiVersion": FTS,
         "kind": "FineTuneSweep",
-        "metadata": {"name": "s", "namespace": "default"},
+        "metadata": {"name": "s", "namespace": namespace},
         "spec": {
             "template": template,
             "parameters": [
@@ -88,10 +58,9 @@ def sweep_manifest(bucket: str, endpoint: str) -> dict[str, Any]:
             "earlyStopping": {"startupTrials": 2},
         },
     }
+
     # The grid's order follows the seed: take one that runs both short good trials first and
     # the long bad one after them, so it is pruned mid-run.
-    from kubetune import sweep
-
     def order(seed: int) -> list[tuple[float, int]]:
         spec = {**document["spec"], "algorithm": {"sampler": "grid", "seed": seed}}
         parsed = sweep_api.parse_sweep({**document, "spec": spec}).spec
@@ -106,29 +75,34 @@ def sweep_manifest(bucket: str, endpoint: str) -> dict[str, Any]:
 
 
 def trials(cluster: Cluster) -> list[dict[str, Any]]:
-    return cluster.kube.list(FTS, "finetunejobs", "default", "kubetune.io/finetunesweep=s")
+    return cluster.kube.list(FTS, "finetunejobs", cluster.ns, "kubetune.io/finetunesweep=s")
 
 
 def sweep_status(cluster: Cluster) -> dict[str, Any]:
-    obj = cluster.kube.get(FTS, "finetunesweeps", "default", "s") or {}
+    obj = cluster.kube.get(FTS, "finetunesweeps", cluster.ns, "s") or {}
     return dict(obj.get("status") or {})
 
 
 def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
     cluster: Cluster, bucket: str, s3_server: str
 ) -> None:
-    cluster.kubectl(
-        "apply",
-        "--validate=false",
-        "-f",
-        "-",
-        input=yaml.safe_dump(sweep_manifest(bucket, s3_server)),
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-credentials", "namespace": cluster.ns},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": s3_support.TEST_KEY_ID,
+                "AWS_SECRET_ACCESS_KEY": s3_support.TEST_SECRET,
+            },
+        }
     )
-    wait_for("two trials", lambda: len(trials(cluster)) == 2, timeout=60)
-    assert sweep_status(cluster).get("running") == 2  # parallelism 2
+    cluster.apply(sweep_manifest(bucket, s3_server, cluster.ns))
+    cluster.wait_for("two trials", lambda: len(trials(cluster)) == 2, timeout=60)
+    cluster.wait_for("the status", lambda: sweep_status(cluster).get("running") == 2, timeout=30)
+    assert len(trials(cluster)) == 2  # parallelism 2
 
-    cluster.stop_operator()  # restart mid-sweep
-    cluster.start_operator()
+    cluster.session.restart_operator()  # mid-sweep: the trials are the whole state
 
     def finished() -> dict[str, Any] | None:
         s = sweep_status(cluster)
@@ -143,7 +117,7 @@ def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
         print(s.get("phase"), s.get("message"), seen, flush=True)
         return s if s.get("phase") in ("Succeeded", "Failed") else None
 
-    done = wait_for("the sweep to finish", finished, timeout=300, every=5.0)
+    done = cluster.wait_for("the sweep to finish", finished, timeout=420, every=5.0)
     jobs = {j["metadata"]["name"]: j for j in trials(cluster)}
     assert sorted(jobs) == [f"s-t{n:03d}" for n in range(6)], sorted(jobs)  # no more, no less
     combos = {
@@ -175,5 +149,10 @@ def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
     assert done["best"]["name"] == best and done["bestObjective"] == finished[best]
     assert done["best"]["artifacts"]["adapter"].startswith(f"s3://{bucket}/sweeps/s/{best}")
 
-    cluster.kube.delete(FTS, "finetunesweeps", "default", "s")
-    wait_for("the trials to be deleted with the sweep", lambda: trials(cluster) == [], timeout=60)
+    assert len(cluster.jobs()) == 6  # one batch/v1 Job per trial
+    cluster.kube.delete(FTS, "finetunesweeps", cluster.ns, "s")  # background propagation
+    cluster.wait_for(
+        "the trials and their Jobs deleted with the sweep (garbage collection)",
+        lambda: trials(cluster) == [] and cluster.jobs() == [],
+        timeout=120,
+    )
