@@ -69,6 +69,10 @@ SAFETY_METRICS = (
     "latencyP95Ms",
     "generationTokensPerSecond",
 )
+# Inference exports made from the merged model (output.quantize): bitsandbytes 8-bit (LLM.int8)
+# and 4-bit NF4 checkpoints, and GGUF files (llama.cpp's format) with Q8_0, Q4_0 or F16 weights.
+QuantizeFormat = Literal["int8", "nf4", "gguf-q8_0", "gguf-q4_0", "gguf-f16"]
+QUANTIZE_FORMATS: tuple[QuantizeFormat, ...] = get_args(QuantizeFormat)
 # Only meaningful as a comparison: tuned / base.
 RATIO_METRICS = ("oodPerplexityRatio",)
 GATE_METRIC_PATTERN = (
@@ -581,6 +585,22 @@ class OutputSpec(ApiModel):
     mergedDtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Dtype of merged weights; auto: the base model's dtype."
     )
+    quantize: list[QuantizeFormat] = Field(
+        default_factory=list,
+        max_length=len(QUANTIZE_FORMATS),
+        description="Quantized inference exports made from the merged model, each evaluated "
+        "on the test split against it: int8 and nf4 (bitsandbytes checkpoints), gguf-q8_0, "
+        "gguf-q4_0, gguf-f16 (GGUF files; Llama-architecture models). A format this model "
+        "cannot take is reported with its reason; the run still succeeds.",
+    )
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize_unique(cls, value: list[QuantizeFormat]) -> list[QuantizeFormat]:
+        repeated = sorted({f for f in value if value.count(f) > 1})
+        if repeated:
+            raise ValueError(f"listed more than once: {', '.join(repeated)}")
+        return value
 
 
 class S3Spec(ApiModel):
@@ -863,6 +883,26 @@ class Artifacts(ApiModel):
     checkpoints: str | None = Field(default=None, description="Checkpoint prefix.")
 
 
+class QuantizedExport(ApiModel):
+    """One output.quantize format: where it is, how big, and how it scores against the
+    unquantized merged model on the test split (or why it could not be made)."""
+
+    format: str = Field(max_length=32, description="The output.quantize format.")
+    uri: str | None = Field(default=None, description="The export (absent if not produced).")
+    sizeBytes: int | None = Field(default=None, ge=0, description="Weights on disk.")
+    delta: dict[str, float] = Field(
+        default_factory=dict, description="Export - merged model, per test-split metric."
+    )
+    latencyP50Ms: float | None = Field(default=None, ge=0, description="Median ms per answer.")
+    latencyP95Ms: float | None = Field(default=None, ge=0, description="p95 ms per answer.")
+    tokensPerSecond: float | None = Field(
+        default=None, ge=0, description="Generated tokens/s at batch size 1."
+    )
+    reason: str | None = Field(
+        default=None, max_length=500, description="Why it was not produced, or a caveat."
+    )
+
+
 class Reproducibility(ApiModel):
     dataHash: str | None = Field(default=None, description="sha256 of the dataset source bytes.")
     splitHashes: dict[str, str] = Field(
@@ -894,6 +934,9 @@ class FineTuneJobStatus(ApiModel):
     metrics: Metrics | None = Field(default=None, description="Base vs tuned on the test split.")
     gates: list[GateResult] = Field(default_factory=list, description="Gate results.")
     artifacts: Artifacts | None = Field(default=None, description="Artifact URIs.")
+    quantized: list[QuantizedExport] = Field(
+        default_factory=list, description="Quantized exports (output.quantize), one per format."
+    )
     reproducibility: Reproducibility | None = Field(
         default=None, description="What makes it repeatable."
     )

@@ -451,7 +451,8 @@ def _eta(progress: api.Progress, start: datetime | None, now: datetime) -> int |
 def _apply_result(
     status: dict[str, Any], result: Mapping[str, Any]
 ) -> tuple[list[api.GateResult], str | None]:
-    """Copy metrics, gates, artifacts and the reproducibility record; bad parts are skipped."""
+    """Copy metrics, gates, artifacts, quantized exports and the reproducibility record; bad
+    parts are skipped."""
     for key, model in (
         ("metrics", api.Metrics),
         ("artifacts", api.Artifacts),
@@ -467,6 +468,11 @@ def _apply_result(
         except ValidationError:
             continue
     status["gates"] = gates
+    quantized: list[api.QuantizedExport] = []
+    for row in result.get("quantized") or []:
+        with contextlib.suppress(ValidationError):
+            quantized.append(api.QuantizedExport.model_validate(row))
+    status["quantized"] = quantized
     message = result.get("message")
     return gates, message if isinstance(message, str) and message else None
 

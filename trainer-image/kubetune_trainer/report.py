@@ -167,7 +167,7 @@ def termination_message(status: api.FineTuneJobStatus) -> str:
     full = status.to_api()
     data: dict[str, Any] = {"phase": status.phase, "message": (status.message or "")[:2000]}
     data = {k: v for k, v in data.items() if v is not None}
-    for name in ("gates", "artifacts", "metrics", "reproducibility", "progress"):
+    for name in ("gates", "artifacts", "metrics", "reproducibility", "quantized", "progress"):
         if name in full:
             candidate = {**data, name: full[name]}
             if len(json.dumps(candidate, separators=(",", ":")).encode()) < TERMINATION_LIMIT:
