@@ -709,11 +709,24 @@ def run_stages(
             artifacts = export(m.model, m.tokenizer, spec, output, m.model_dir, workdir)
             artifacts.report = output.uri_for("report.json")
             artifacts.lossCurve = output.uri_for("loss-curve.png")
+        quantized: tuple[list[api.QuantizedExport], dict[str, Any]] | None = None
+        if spec.output.quantize:
+            from . import quantize
+
+            with timer.stage("quantize", log):
+                quantized = quantize.run_stage(
+                    m.model, m.tokenizer, spec, m.model_dir, data.splits.test, output,
+                    m.device, workdir, log,
+                )  # fmt: skip
         with timer.stage("report", log):
             status = final_status(config, data, m, trained, (metrics, gates), artifacts)
+            if quantized is not None:
+                status.quantized = quantized[0]
             report = build_report(
                 config, status, data, m, trained, notes, world.size, timer.seconds
             )
+            if quantized is not None:
+                report["quantization"] = quantized[1]
             write_report(output, workdir, report)
         return Result(status, report, notes)
     finally:

@@ -140,6 +140,11 @@ def summary(result: Result) -> str:
     ]
     for name, uri in (status.artifacts.to_api() if status.artifacts else {}).items():
         lines.append(f"  {name:<11} {uri}")
+    if result.report.get("quantization"):
+        from .quantize import format_table as quantization_table
+
+        lines += ["quantized exports: test split, vs the merged model"]
+        lines.append(quantization_table(result.report["quantization"]))
     return "\n".join(lines)
 
 

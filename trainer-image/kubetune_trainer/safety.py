@@ -428,6 +428,19 @@ def measure_latency(
     generation (first calls pay for lazy initialization, not for the model)."""
     cycle = [prompts[i % len(prompts)] for i in range(samples + 1)]
     ids = [prompt_ids(_as_example(i, p), tokenizer, PROMPT_MAX_TOKENS) for i, p in enumerate(cycle)]
+    return timed_generations(model, tokenizer, ids, max_new_tokens=max_new_tokens, device=device)
+
+
+def timed_generations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    device: torch.device | str,
+) -> dict[str, float]:
+    """Latency and tokens/s of greedy generations at batch size 1, one per prompt; the first
+    prompt is the warm-up and is not counted."""
     cuda = torch.device(device).type == "cuda"
     times: list[float] = []
     tokens = 0
