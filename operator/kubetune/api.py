@@ -919,6 +919,44 @@ class Reproducibility(ApiModel):
     image: str | None = Field(default=None, description="Trainer image.")
 
 
+class PlannedMethod(ApiModel):
+    method: Literal["full", "lora", "qlora-4bit", "qlora-8bit"] = Field(description="Method.")
+    trainableParameters: int = Field(ge=0, description="Parameters the method trains.")
+    memoryBytes: int = Field(
+        ge=0, description="Estimated peak per device: weights, gradients, AdamW, activations."
+    )
+    fits: bool | None = Field(
+        default=None, description="Within 90% of the device memory (unset: none known)."
+    )
+
+
+class JobPlan(ApiModel):
+    """What `kubetune plan` estimates for this job, from the model's config.json and
+    safetensors headers (no weights read)."""
+
+    requested: Literal["full", "lora", "qlora-4bit", "qlora-8bit"] = Field(
+        description="The job's method."
+    )
+    parameters: int = Field(ge=0, description="Parameters of the base model.")
+    methods: list[PlannedMethod] = Field(
+        default_factory=list, max_length=4, description="Every method's estimate."
+    )
+    deviceMemoryBytes: int | None = Field(
+        default=None, ge=0, description="Memory per device the estimate is compared with."
+    )
+    deviceMemoryFrom: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Where that figure comes from (a node-selector label, the GPU table, "
+        "resources.memory).",
+    )
+    recommended: Literal["full", "lora", "qlora-4bit", "qlora-8bit"] = Field(
+        description="The method the plan recommends."
+    )
+    recommendedGpus: int = Field(ge=0, description="GPUs the recommendation needs.")
+    recommendation: str = Field(max_length=512, description="Why, in words.")
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Phase | None = Field(default=None, description="Summary for humans and printer columns.")
     observedGeneration: int | None = Field(
@@ -939,6 +977,11 @@ class FineTuneJobStatus(ApiModel):
     )
     reproducibility: Reproducibility | None = Field(
         default=None, description="What makes it repeatable."
+    )
+    plan: JobPlan | None = Field(
+        default=None,
+        description="The estimate before launch (`kubetune plan`), when the operator could "
+        "read the model's headers (docs/operations.md).",
     )
 
 

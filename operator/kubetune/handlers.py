@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from collections.abc import Mapping
@@ -19,12 +20,13 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from kubetune import api, k8s, metrics, render, sweep_handlers
+from kubetune import api, k8s, metrics, model_headers, plan, render, sweep_handlers
 from kubetune import status as st
 from kubetune.policy import license_problem
 from kubetune.settings import Settings
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+log = logging.getLogger(__name__)
 _STATUS_FIELDS = set(api.FineTuneJobStatus.model_fields)
 
 
@@ -98,6 +100,25 @@ class Operator:
             job, default_image=self.config.trainer_image, policy=self.policy
         )
 
+    async def plan(self, job: api.FineTuneJob) -> tuple[api.JobPlan | None, str | None]:
+        """status.plan and the DoesNotFit reason, when planning is on and the model's headers
+        can be read (S3, the operator's identity); (None, None) otherwise: the job goes on."""
+        source = job.spec.model.source
+        if (
+            not self.config.plan_models
+            or not source.startswith("s3://")
+            or source.endswith(".gguf")
+        ):
+            return None, None
+        try:
+            config, tensors = await asyncio.to_thread(
+                model_headers.read_s3_model, source, job.spec.storage.s3
+            )
+            return plan.job_plan(config, tensors, job.spec)
+        except (model_headers.Unreadable, KeyError, ValueError) as error:
+            log.info("no plan for %s: %s", job.metadata.name, error)
+            return None, None
+
     async def ensure_children(self, job: api.FineTuneJob, uid: str) -> render.Children:
         children = render.render(
             job, uid=uid, default_image=self.config.trainer_image, policy=self.policy
@@ -132,13 +153,18 @@ class Operator:
                 # Operator restart: nothing to create; the timer carries the status on.
                 metrics.job_state(namespace, name, old.phase, old.progress, _created(meta), now)
                 return
+            planned, refusal = None, None
             try:
                 job = _parse(body)
                 problems = self.problems(job)
             except ValidationError as error:
                 problems = api.format_errors(error)
+            if not problems:
+                planned, refusal = await self.plan(job)
             if problems:
                 new = st.invalid(problems, generation=generation, now=now)
+            elif refusal is not None and planned is not None:
+                new = st.does_not_fit(refusal, planned, generation=generation, now=now)
             else:
                 children = await self.ensure_children(job, uid)
                 created = st.created(
@@ -151,7 +177,7 @@ class Operator:
                 # What the timer will compute from the new Job, so that its first tick has
                 # nothing to write (one status write fewer per job).
                 new = st.compute(
-                    previous=created,
+                    previous=created.model_copy(update={"plan": planned}),
                     generation=generation,
                     spec=job.spec,
                     job=children.job,
@@ -161,7 +187,8 @@ class Operator:
                 )
             _write(patch, old, new)
             if new.phase == "Failed":
-                kopf.warn(body, reason=st.SPEC_INVALID, message=new.message or "")
+                reason = st.DOES_NOT_FIT if refusal else st.SPEC_INVALID
+                kopf.warn(body, reason=reason, message=new.message or "")
             elif old.phase is None:
                 kopf.info(body, reason=st.JOB_CREATED, message=new.message or "")
             metrics.job_state(namespace, name, new.phase, None, _created(meta), now)

@@ -34,8 +34,8 @@ METHODS: tuple[Method, ...] = ("full", "lora", "qlora-4bit", "qlora-8bit")
 
 GIB = 1024**3
 
-# GPU memory per device and dense bf16 FLOP rate (vendor datasheets). A node label
-# `kubetune.io/gpu-memory` (a quantity such as 80Gi) wins over this table.
+# GPU memory per device and dense bf16 FLOP rate (vendor datasheets). The operator finds a
+# job's device in its nodeSelector (``device_memory``): a memory label wins over this table.
 GPUS: dict[str, tuple[float, float]] = {  # name: (memory GiB, bf16 TFLOP/s)
     "H200": (141, 989),
     "H100-80GB": (80, 989),
@@ -84,9 +84,17 @@ def safetensors_header(path: Path) -> list[Tensor]:
     """The tensors of one .safetensors file, from its JSON header (the first bytes only)."""
     with path.open("rb") as handle:
         (size,) = struct.unpack("<Q", handle.read(8))
-        if size > 100 * 1024 * 1024:
+        if size > MAX_HEADER:
             raise ValueError(f"{path.name}: implausible safetensors header of {size} bytes")
         header = json.loads(handle.read(size))
+    return header_tensors(header)
+
+
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def header_tensors(header: Mapping[str, Any]) -> list[Tensor]:
+    """The tensors a parsed safetensors header lists."""
     return [
         Tensor(name, tuple(info["shape"]), info["dtype"])
         for name, info in header.items()
@@ -420,6 +428,73 @@ def estimate(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# the operator's side: the device a job asks for, and the plan as status.plan
+
+MEMORY_LABEL = "kubetune.io/gpu-memory"  # a quantity, e.g. 80Gi
+GFD_MEMORY_LABEL = "nvidia.com/gpu.memory"  # MiB, as NVIDIA GPU feature discovery labels nodes
+GFD_PRODUCT_LABEL = "nvidia.com/gpu.product"  # e.g. NVIDIA-A100-SXM4-80GB
+
+
+def gpu_model(product: str) -> str | None:
+    """The GPUS entry a GPU feature discovery product name denotes (every '-' part of the
+    entry's name is a part of the product: NVIDIA-A100-SXM4-80GB is A100-80GB)."""
+    parts = set(product.upper().split("-"))
+    for name in sorted(GPUS, key=len, reverse=True):
+        if set(name.upper().split("-")) <= parts:
+            return name
+    return None
+
+
+def device_memory(spec: api.FineTuneJobSpec) -> tuple[int | None, str | None]:
+    """Memory per device for the job and where it comes from: for a GPU job its nodeSelector
+    (``kubetune.io/gpu-memory``, ``nvidia.com/gpu.memory`` in MiB, or ``nvidia.com/gpu.product``
+    looked up in GPUS); for a CPU job ``resources.memory``. (None, None): nothing says."""
+    selector = spec.resources.nodeSelector
+    if spec.resources.gpus == 0:
+        if spec.resources.memory:
+            return parse_bytes(spec.resources.memory), "resources.memory"
+        return None, None
+    if MEMORY_LABEL in selector:
+        return parse_bytes(selector[MEMORY_LABEL]), f"nodeSelector {MEMORY_LABEL}"
+    if selector.get(GFD_MEMORY_LABEL, "").isdigit():
+        return int(selector[GFD_MEMORY_LABEL]) * 2**20, f"nodeSelector {GFD_MEMORY_LABEL} (MiB)"
+    model = gpu_model(selector.get(GFD_PRODUCT_LABEL, ""))
+    if model is not None:
+        return int(GPUS[model][0] * GIB), f"nodeSelector {GFD_PRODUCT_LABEL}: {model}"
+    return None, None
+
+
+def job_plan(
+    config: Mapping[str, Any], tensors: list[Tensor], spec: api.FineTuneJobSpec
+) -> tuple[api.JobPlan, str | None]:
+    """status.plan for one job, and why it does not fit its devices (None: it fits, or no
+    device memory is known). The same estimate as `kubetune plan`."""
+    memory, source = device_memory(spec)
+    on_gpu = spec.resources.gpus > 0
+    model = gpu_model(spec.resources.nodeSelector.get(GFD_PRODUCT_LABEL, ""))
+    plan = estimate(config, tensors, spec, device_memory=memory, gpu=model, on_gpu=on_gpu)
+    status = api.JobPlan(
+        requested=plan.requested,
+        parameters=sum(t.numel for t in tensors),
+        methods=[
+            api.PlannedMethod(
+                method=m.method,
+                trainableParameters=m.trainable,
+                memoryBytes=m.memory.total,
+                fits=m.fits,
+            )
+            for m in plan.methods
+        ],
+        deviceMemoryBytes=memory,
+        deviceMemoryFrom=source,
+        recommended=plan.recommended,
+        recommendedGpus=plan.recommended_gpus,
+        recommendation=plan.recommendation[:512],
+    )
+    return status, does_not_fit(plan, spec)
+
+
 def does_not_fit(plan: Plan, spec: api.FineTuneJobSpec) -> str | None:
     """Why the job as written exceeds its devices (the DoesNotFit message); None if it fits."""
     if plan.device_memory is None:
@@ -430,8 +505,9 @@ def does_not_fit(plan: Plan, spec: api.FineTuneJobSpec) -> str | None:
         return None
     if plan.requested != "full" and chosen.fits:
         return None
+    device = "GPU" if spec.resources.gpus > 0 else "device"
     return (
-        f"{plan.requested} needs about {gib(chosen.memory.total)} per GPU, more than "
+        f"{plan.requested} needs about {gib(chosen.memory.total)} per {device}, more than "
         f"{HEADROOM:.0%} of {gib(plan.device_memory)}: {plan.recommendation}"
     )
 

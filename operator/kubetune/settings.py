@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     # kopf's CRD scanning (notices CRDs installed after the start) needs list/watch on
     # customresourcedefinitions: on only where the chart grants it (rbac.watchCRDs).
     watch_crds: bool = False
+    # Plan each job before creating its Job (status.plan, DoesNotFit): read the model's
+    # config.json and safetensors headers from S3 with the operator's own identity (the
+    # boto3 default chain: IRSA / workload identity, or AWS_* from the chart's optional Secret).
+    plan_models: bool = False
 
     @field_validator("namespace", "trainer_image", "log_format", mode="before")
     @classmethod

@@ -58,6 +58,7 @@ GATE_FAILED = "GateFailed"
 NO_GATES = "NoGates"
 NOT_EVALUATED = "NotEvaluated"
 SPEC_IMMUTABLE = "SpecImmutable"
+DOES_NOT_FIT = "DoesNotFit"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ _FAILURES = (
 CONDITION_REASONS: dict[str, tuple[tuple[Reason, ...], tuple[Reason, ...]]] = {
     VALIDATED: (
         (Reason(SPEC_VALID),),
-        (Reason(SPEC_INVALID, "message names each field: `spec.training.learningRate: ...`"),),
+        (
+            Reason(SPEC_INVALID, "message names each field: `spec.training.learningRate: ...`"),
+            Reason(DOES_NOT_FIT, "the plan's estimate exceeds the job's device memory"),
+        ),
     ),
     SUSPENDED: ((Reason(JOB_SUSPENDED),), (Reason(NOT_SUSPENDED),)),
     RUNNING: (
@@ -100,7 +104,7 @@ CONDITION_REASONS: dict[str, tuple[tuple[Reason, ...], tuple[Reason, ...]]] = {
     ),
     SUCCEEDED: ((Reason(TRAINING_COMPLETE),), _FAILURES),
     FAILED: (
-        (*_FAILURES, Reason(SPEC_INVALID)),
+        (*_FAILURES, Reason(SPEC_INVALID), Reason(DOES_NOT_FIT)),
         (Reason(FINISHED),),
     ),
     GATES_PASSED: (
@@ -238,6 +242,25 @@ def invalid(errors: list[str], *, generation: int | None, now: datetime) -> api.
         conditions=conditions.items,
         completionTime=rfc3339(now),
         message=_clip(message),
+    )
+
+
+def does_not_fit(
+    reason: str, plan: api.JobPlan, *, generation: int | None, now: datetime
+) -> api.FineTuneJobStatus:
+    """Status of a FineTuneJob refused because its plan exceeds its devices: terminal, no
+    children, the plan attached (what would fit is in its recommendation)."""
+    message = f"does not fit: {reason}"
+    conditions = Conditions([], now=now, generation=generation)
+    conditions.set(VALIDATED, "False", DOES_NOT_FIT, message)
+    conditions.set(FAILED, "True", DOES_NOT_FIT, message)
+    return api.FineTuneJobStatus(
+        phase="Failed",
+        observedGeneration=generation,
+        conditions=conditions.items,
+        completionTime=rfc3339(now),
+        message=_clip(message),
+        plan=plan,
     )
 
 

@@ -105,3 +105,62 @@ def test_cli_bad_input_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> 
     assert cli.main(["plan", quickstart, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["requested"] == "lora" and data["tokensPerEpoch"] > 0
+
+
+def with_resources(**resources: Any) -> api.FineTuneJobSpec:
+    document = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    document["resources"] = resources
+    return api.FineTuneJobSpec.model_validate(document)
+
+
+@pytest.mark.parametrize(
+    ("resources", "memory", "source"),
+    [
+        (
+            {"gpus": 1, "nodeSelector": {"kubetune.io/gpu-memory": "24Gi"}},
+            24 * plan.GIB,
+            "kubetune.io/gpu-memory",
+        ),
+        ({"gpus": 1, "nodeSelector": {"nvidia.com/gpu.memory": "81920"}}, 80 * plan.GIB, "MiB"),
+        (
+            {"gpus": 2, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}},
+            40 * plan.GIB,
+            "A100-40GB",
+        ),
+        ({"gpus": 1, "nodeSelector": {"nvidia.com/gpu.product": "Tesla-T4"}}, 16 * plan.GIB, "T4"),
+        (
+            {"gpus": 1, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L40S"}},
+            48 * plan.GIB,
+            "L40S",
+        ),
+        ({"gpus": 0, "memory": "512Mi"}, 512 * 2**20, "resources.memory"),
+        ({"gpus": 1, "memory": "64Gi"}, None, None),  # a GPU job says nothing about its GPUs
+        ({"gpus": 1, "nodeSelector": {"nvidia.com/gpu.product": "Mystery-9000"}}, None, None),
+    ],
+)
+def test_device_memory_from_the_node_selector_or_the_gpu_table(
+    resources: dict[str, Any], memory: int | None, source: str | None
+) -> None:
+    found, where = plan.device_memory(with_resources(**resources))
+    assert found == memory
+    assert (where is None) if source is None else (source in (where or ""))
+
+
+def test_job_plan_is_status_plan_and_refuses_what_does_not_fit() -> None:
+    config, tensors = plan.read_model(DEMO)
+    tight = with_resources(gpus=0, memory="32Mi")
+    status, refusal = plan.job_plan(config, tensors, tight)
+    assert refusal is not None and refusal.startswith("lora needs about")
+    assert status.requested == "lora" and status.deviceMemoryBytes == 32 * 2**20
+    assert [m.method for m in status.methods] == list(plan.METHODS)
+    expected = plan.estimate(config, tensors, tight, device_memory=32 * 2**20, on_gpu=False)
+    assert [m.memoryBytes for m in status.methods] == [
+        m.memory.total for m in expected.methods
+    ]  # the same numbers as `kubetune plan`
+    roomy, refusal = plan.job_plan(config, tensors, with_resources(gpus=0, memory="4Gi"))
+    assert refusal is None and all(m.fits for m in roomy.methods)
+    unknown, refusal = plan.job_plan(config, tensors, with_resources(gpus=1))
+    assert refusal is None and unknown.deviceMemoryBytes is None
+    assert api.FineTuneJobStatus(plan=status).to_api()["plan"]["deviceMemoryFrom"] == (
+        "resources.memory"
+    )

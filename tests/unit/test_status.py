@@ -471,3 +471,18 @@ def test_live_reads_build_the_eval_history_a_sweep_prunes_on() -> None:
         progress = st.with_eval_point(live, progress, every=10)
     assert progress is not None
     assert [(p.step, p.evalLoss) for p in progress.evalHistory] == [(10, 2.0), (20, 1.5), (30, 1.2)]
+
+
+def test_does_not_fit_is_terminal_with_the_reason_and_the_plan() -> None:
+    planned = api.JobPlan(
+        requested="full",
+        parameters=10,
+        recommended="lora",
+        recommendedGpus=1,
+        recommendation="full does not fit one GPU; lora does",
+    )
+    s = st.does_not_fit("full needs about 9 GiB", planned, generation=1, now=NOW)
+    assert s.phase == "Failed" and s.plan == planned and s.jobName is None
+    by_type = {c.type: c for c in s.conditions}
+    assert by_type["Validated"].status == "False" and by_type["Validated"].reason == "DoesNotFit"
+    assert by_type["Failed"].reason == "DoesNotFit" and "9 GiB" in (s.message or "")
