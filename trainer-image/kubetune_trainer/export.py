@@ -1,9 +1,14 @@
 """Deployment artifacts, each committed as its own folder with a manifest (written last):
 
-- ``adapter/``: the LoRA adapter alone (``PeftModel.from_pretrained(base, <adapter>)``);
+- ``adapter/``: the LoRA adapter alone (``PeftModel.from_pretrained(base, <adapter>)``,
+  ``vllm serve <base> --enable-lora --lora-modules name=<adapter>``): its config names the base
+  model by the spec's source URI and revision (not the training machine's local copy) and its
+  target modules by name, and it passes vLLM's adapter rules (servable.py) before it is
+  committed;
 - ``tokenizer/``: the tokenizer (with its chat template);
 - ``merged/``: base + adapter merged (``output.mergeAdapter``), loadable with
-  ``AutoModelForCausalLM.from_pretrained``, tokenizer included;
+  ``AutoModelForCausalLM.from_pretrained`` and ``vllm serve``: safetensors, generation_config,
+  tokenizer and chat template;
 - ``model/``: the fully fine-tuned model (method ``full``), tokenizer included.
 
 Each folder is written locally first and committed only when complete, so a failure leaves no
@@ -12,10 +17,11 @@ half-written artifact (an earlier, complete one may stay until overwritten).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -37,6 +43,58 @@ def _commit(
         write(folder)
         uri: str = storage.commit_dir(folder, rel)
     return uri
+
+
+def serving_config(
+    config: dict[str, Any], model: api.ModelSpec, linear: set[str] | None = None
+) -> dict[str, Any]:
+    """adapter_config.json as a server or ``AutoPeftModel`` reads it: the base model by the URI
+    the spec names (peft writes the local folder the trainer loaded it from) and its revision;
+    target modules as a sorted list of names. peft writes all-linear out as full module paths:
+    those become layer names (q_proj, ...) where the names select exactly the same layers of
+    ``linear`` (the base model's linear layers)."""
+    out = dict(config)
+    out["base_model_name_or_path"] = model.source
+    out["revision"] = model.revision
+    targets = out.get("target_modules")
+    if isinstance(targets, list | set | tuple):
+        names = sorted(targets)
+        if linear is not None and any("." in t for t in names):
+            leaves = sorted({t.rsplit(".", 1)[-1] for t in names})
+            if {m for m in linear if m.rsplit(".", 1)[-1] in leaves} == set(names):
+                names = leaves
+        out["target_modules"] = names
+    return out
+
+
+def linear_modules(model: Any) -> set[str]:
+    """Full names of the base model's linear layers as a saved adapter names them, heads
+    excluded (a peft-wrapped layer counts under its own name, not its base_layer's)."""
+    from .model import _HEADS
+
+    names = set()
+    for name, module in model.named_modules():
+        if ".lora_" in name or name.rsplit(".", 1)[-1] in _HEADS:
+            continue
+        name = name.removesuffix(".base_layer")
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in (
+            "Linear4bit",
+            "Linear8bitLt",
+        ):
+            names.add(name.removeprefix("base_model.model."))
+    return names
+
+
+def save_adapter(model: PeftModel, folder: Path, spec: api.FineTuneJobSpec) -> None:
+    """The adapter as vLLM and peft load it; refused (UserError) when vLLM would refuse it."""
+    from .servable import check_adapter
+
+    model.save_pretrained(str(folder), safe_serialization=True)
+    linear = linear_modules(model)
+    path = folder / "adapter_config.json"
+    config = serving_config(json.loads(path.read_text()), spec.model, linear)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    check_adapter(folder, linear)
 
 
 def merged_model(model_dir: Path, adapter_dir: Path, spec: api.FineTuneJobSpec) -> PreTrainedModel:
@@ -80,7 +138,7 @@ def export(
     else:
         with tempfile.TemporaryDirectory(prefix="kubetune-adapter-", dir=scratch) as tmp:
             adapter_dir = Path(tmp)
-            model.save_pretrained(str(adapter_dir), safe_serialization=True)
+            save_adapter(cast("PeftModel", model), adapter_dir, spec)
             artifacts.adapter = storage.commit_dir(adapter_dir, "adapter")
             if spec.output.mergeAdapter:
 
