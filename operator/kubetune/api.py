@@ -593,6 +593,9 @@ class OutputSpec(ApiModel):
         "gguf-q4_0, gguf-f16 (GGUF files; Llama-architecture models). A format this model "
         "cannot take is reported with its reason; the run still succeeds.",
     )
+    registry: RegistrySpec | None = Field(
+        default=None, description="A model registry the run is logged to and promoted in."
+    )
 
     @field_validator("quantize")
     @classmethod
@@ -601,6 +604,69 @@ class OutputSpec(ApiModel):
         if repeated:
             raise ValueError(f"listed more than once: {', '.join(repeated)}")
         return value
+
+
+# MLflow registered model names: letters, digits, '.', '_', '-' (dots allow catalog.schema.model).
+MLFLOW_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}$"
+# The registry is reached over MLflow's REST API: http(s) only, and no user:password@ in the URI
+# (credentials come from credentialsSecret, so they never sit in the spec).
+TRACKING_URI_PATTERN = r"^https?://[^/@\s]+(/\S*)?$"
+
+
+class MlflowSpec(ApiModel):
+    trackingUri: Annotated[str, StringConstraints(max_length=2048)] = Field(
+        json_schema_extra={"pattern": TRACKING_URI_PATTERN},
+        description="MLflow tracking server URL (http:// or https://), e.g. "
+        "http://mlflow.mlflow.svc:5000. Credentials never go in the URL: use credentialsSecret.",
+    )
+    model: Annotated[str, StringConstraints(max_length=256)] = Field(
+        json_schema_extra={"pattern": MLFLOW_MODEL_PATTERN},
+        description="Registered model name; each successful run adds a model version.",
+    )
+    experiment: Annotated[str, StringConstraints(min_length=1, max_length=500)] = Field(
+        default="kubetune", description="Experiment the run is logged to (created if missing)."
+    )
+    credentialsSecret: (
+        Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)] | None
+    ) = Field(
+        default=None,
+        description="Name of a Secret in the job's namespace with MLFLOW_TRACKING_TOKEN (a "
+        "bearer token) or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth). "
+        "Omit for a server without authentication. Values never appear in the spec or status.",
+    )
+    timeoutSeconds: int = Field(
+        default=30, ge=1, le=600, description="Timeout of each request to the tracking server."
+    )
+
+    @field_validator("trackingUri")
+    @classmethod
+    def _http_uri(cls, value: str) -> str:
+        if not re.match(TRACKING_URI_PATTERN, value):
+            if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+                raise ValueError("credentials do not go in the URL: use credentialsSecret")
+            raise ValueError(
+                f"{value!r} is not an http:// or https:// URL (the registry is reached over "
+                "MLflow's REST API)"
+            )
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not re.match(MLFLOW_MODEL_PATTERN, value):
+            raise ValueError(
+                f"{value!r} is not a registered model name: letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+
+class RegistrySpec(ApiModel):
+    mlflow: MlflowSpec | None = Field(
+        default=None,
+        description="MLflow: log params, metrics and artifacts to a run, register a model "
+        "version with alias staging, move alias production when the gates pass.",
+    )
 
 
 class S3Spec(ApiModel):
@@ -957,6 +1023,44 @@ class JobPlan(ApiModel):
     recommendation: str = Field(max_length=512, description="Why, in words.")
 
 
+# status.promotion.state: Promoted (every gate passed; with a registry: alias production),
+# Pending (evaluation gates passed, waiting for the staging gates; a registered version has
+# alias staging), NotPromoted (a gate failed: a registered version keeps alias staging only),
+# Failed (the registry step failed; the trained artifacts are committed all the same).
+PromotionState = Literal["Promoted", "Pending", "NotPromoted", "Failed"]
+
+
+class RegistryRecord(ApiModel):
+    trackingUri: str = Field(description="The MLflow tracking server.")
+    model: str = Field(description="Registered model name.")
+    experimentId: str | None = Field(default=None, description="MLflow experiment id.")
+    runId: str | None = Field(default=None, description="MLflow run with params and metrics.")
+    version: str | None = Field(default=None, description="Model version registered.")
+    source: str | None = Field(
+        default=None, description="The version's source: the committed artifact URI."
+    )
+    aliases: list[str] = Field(
+        default_factory=list, max_length=8, description="Aliases this version holds."
+    )
+
+
+class Promotion(ApiModel):
+    state: PromotionState = Field(description="Promoted, Pending, NotPromoted or Failed.")
+    message: Annotated[str, StringConstraints(max_length=4096)] = Field(
+        default="", description="What happened, in one line."
+    )
+    artifact: str | None = Field(
+        default=None, description="The promoted artifact URI (merged, full model or adapter)."
+    )
+    artifacts: Artifacts | None = Field(default=None, description="Every artifact URI of the run.")
+    gates: list[str] = Field(
+        default_factory=list, max_length=128, description="The gates that decided, as checked."
+    )
+    registry: RegistryRecord | None = Field(default=None, description="The registry's record.")
+    registeredAt: str | None = Field(default=None, description="When the version was registered.")
+    promotedAt: str | None = Field(default=None, description="When it was promoted.")
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Phase | None = Field(default=None, description="Summary for humans and printer columns.")
     observedGeneration: int | None = Field(
@@ -982,6 +1086,9 @@ class FineTuneJobStatus(ApiModel):
         default=None,
         description="The estimate before launch (`kubetune plan`), when the operator could "
         "read the model's headers (docs/operations.md).",
+    )
+    promotion: Promotion | None = Field(
+        default=None, description="What was promoted (model version, artifacts, gates) and when."
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from kubetune import api
+from kubetune import api, registry
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"
@@ -209,6 +209,22 @@ def _env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
             if optional:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    mlflow = spec.output.registry.mlflow if spec.output.registry else None
+    if mlflow and mlflow.credentialsSecret:
+        # A token or a username and password: every key optional, the Secret holds one kind.
+        for key in registry.CREDENTIAL_ENVS:
+            env.append(
+                {
+                    "name": key,
+                    "valueFrom": {
+                        "secretKeyRef": {
+                            "name": mlflow.credentialsSecret,
+                            "key": key,
+                            "optional": True,
+                        }
+                    },
+                }
+            )
     return env
 
 

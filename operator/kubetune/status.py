@@ -496,6 +496,16 @@ def _apply_result(
         with contextlib.suppress(ValidationError):
             quantized.append(api.QuantizedExport.model_validate(row))
     status["quantized"] = quantized
+    if isinstance(result.get("promotion"), dict):
+        with contextlib.suppress(ValidationError):
+            promoted = api.Promotion.model_validate(result["promotion"])
+            # The termination message leaves out what status.artifacts and status.gates hold.
+            status["promotion"] = promoted.model_copy(
+                update={
+                    "artifacts": promoted.artifacts or status.get("artifacts"),
+                    "gates": promoted.gates or [g.describe() for g in gates],
+                }
+            )
     message = result.get("message")
     return gates, message if isinstance(message, str) and message else None
 

@@ -606,6 +606,33 @@ def write_report(output: Storage, workdir: Path, report: dict[str, Any]) -> None
     output.write_bytes("report.json", (workdir / "report.json").read_bytes())
 
 
+def promote_stage(
+    config: api.TrainerConfig,
+    status: api.FineTuneJobStatus,
+    report: dict[str, Any],
+    output: Storage,
+    workdir: Path,
+    log: Log,
+) -> api.FineTuneJobStatus:
+    """status.promotion (promote.py): decided by the gates, logged and registered in MLflow when
+    output.registry is set. report.json is committed before this and rewritten after it, so a
+    registry failure leaves the trained artifacts and the report in place and says why."""
+    from . import promote
+
+    files = {name: (workdir / name).read_bytes() for name in ("report.json", "loss-curve.png")}
+    done, error = promote.promote(config, status, files, log, os.environ)
+    status = status.model_copy(update={"promotion": done})
+    if error is not None:
+        status = promote.failed_status(status, error)
+    report["status"] = status.to_api()
+    report["promotion"] = done.to_api()
+    write_report(output, workdir, report)
+    if error is not None:
+        raise promote.RegistrationFailed(done.message, status, error.transient)
+    log(f"  promotion: {done.state}: {done.message}")
+    return status
+
+
 # ---------------------------------------------------------------------------------------------
 # the recipe
 
@@ -728,6 +755,8 @@ def run_stages(
             if quantized is not None:
                 report["quantization"] = quantized[1]
             write_report(output, workdir, report)
+        with timer.stage("promote", log):
+            status = promote_stage(config, status, report, output, workdir, log)
         return Result(status, report, notes)
     finally:
         telemetry.close()
@@ -797,7 +826,10 @@ def fail(error: TrainerError, options: Options) -> int:
     from . import report
 
     print(f"error: {error}", file=sys.stderr, flush=True)
-    status = report.failure_status(str(error), preempted=isinstance(error, Preempted))
+    # A failure after training (the registry step) keeps the committed results in the status.
+    status = getattr(error, "status", None) or report.failure_status(
+        str(error), preempted=isinstance(error, Preempted)
+    )
     report.write_termination(report.termination_message(status), options.termination_log)
     return error.exit_code
 

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from kubetune import api, manifests
+from kubetune import api, manifests, promotion
 
 from .__main__ import Options, Result, run, run_and_report
 from .errors import UserError
+from .promote import RegistrationFailed
 
 # Uri fields a manifest may give as paths relative to itself (dotted, under spec).
 _PATH_FIELDS = (
@@ -145,6 +146,7 @@ def summary(result: Result) -> str:
 
         lines += ["quantized exports: test split, vs the merged model"]
         lines.append(quantization_table(result.report["quantization"]))
+    lines += promotion.summary_lines(status.promotion)
     return "\n".join(lines)
 
 
@@ -185,6 +187,9 @@ def run_manifest(
     def job() -> Result:
         try:
             result = run(config, options)
+        except RegistrationFailed as exc:  # trained and committed: the table still shows it
+            results.append(Result(exc.status, {}, []))
+            raise
         finally:
             bar.close()
         results.append(result)

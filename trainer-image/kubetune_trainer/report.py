@@ -165,9 +165,23 @@ def termination_message(status: api.FineTuneJobStatus) -> str:
     first; the operator reads gates that did not fit as Unknown, and report.json has it all.
     """
     full = status.to_api()
+    if "promotion" in full:
+        # Compact: its artifacts and gates repeat status.artifacts and status.gates (the operator
+        # fills them back in).
+        full["promotion"] = {
+            k: v for k, v in full["promotion"].items() if k not in ("artifacts", "gates")
+        }
     data: dict[str, Any] = {"phase": status.phase, "message": (status.message or "")[:2000]}
     data = {k: v for k, v in data.items() if v is not None}
-    for name in ("gates", "artifacts", "metrics", "reproducibility", "quantized", "progress"):
+    for name in (
+        "gates",
+        "artifacts",
+        "promotion",
+        "metrics",
+        "reproducibility",
+        "quantized",
+        "progress",
+    ):
         if name in full:
             candidate = {**data, name: full[name]}
             if len(json.dumps(candidate, separators=(",", ":")).encode()) < TERMINATION_LIMIT:

@@ -1,0 +1,318 @@
+"""output.registry (api), promotion.py (decisions, status.promotion), registry.py's pure parts,
+the rendered credentials and the promotion's trip through the termination message."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune import api, manifests, promotion, registry, render
+from kubetune import status as st
+from kubetune_trainer.report import termination_message
+from tests.support import trainer_runs
+from tests.support.operator_harness import ROOT
+
+NOW = "2026-12-01T12:00:00Z"
+
+
+def spec(**registry_fields: Any) -> api.FineTuneJobSpec:
+    body = trainer_runs.spec_dict(Path("/data.jsonl"), Path("/out"))
+    if registry_fields:
+        body["output"]["registry"] = {"mlflow": registry_fields}
+    return api.FineTuneJobSpec.model_validate(body)
+
+
+def errors(**registry_fields: Any) -> list[str]:
+    job = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0].to_api()
+    job["spec"]["output"]["registry"] = {"mlflow": registry_fields}
+    try:
+        api.parse_job(job)
+    except api.ValidationError as exc:
+        return api.format_errors(exc)
+    return []
+
+
+def gate(passed: bool, metric: str = "delta.loss") -> api.GateResult:
+    return api.GateResult(
+        metric=metric, op="<", value=0, actual=-0.5 if passed else 0.5, passed=passed
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the spec
+
+
+def test_registry_spec_accepts_http_and_https() -> None:
+    for uri in ("http://mlflow.mlflow.svc:5000", "https://mlflow.example.com/prefix/"):
+        assert errors(trackingUri=uri, model="support-bot") == []
+    s = spec(trackingUri="http://127.0.0.1:5000", model="catalog.schema.bot_1")
+    assert s.output.registry and s.output.registry.mlflow
+    assert s.output.registry.mlflow.experiment == "kubetune"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("file:///tmp/mlruns", "is not an http:// or https:// URL"),
+        ("sqlite:///mlflow.db", "is not an http:// or https:// URL"),
+        ("databricks", "is not an http:// or https:// URL"),
+        ("https://user:secret@mlflow.example.com", "credentials do not go in the URL"),
+    ],
+)
+def test_bad_tracking_uri_names_the_field(uri: str, expected: str) -> None:
+    found = errors(trackingUri=uri, model="m")
+    assert len(found) == 1 and found[0].startswith("spec.output.registry.mlflow.trackingUri: ")
+    assert expected in found[0]
+    assert "secret" not in found[0] or "credentials do not go" in found[0]
+
+
+@pytest.mark.parametrize("name", ["", "-bot", "my model", "a/b", "x" * 300])
+def test_bad_model_name_names_the_field(name: str) -> None:
+    found = errors(trackingUri="http://m:5000", model=name)
+    assert found and all(e.startswith("spec.output.registry.mlflow.model: ") for e in found)
+
+
+def test_unknown_registry_field_is_refused() -> None:
+    found = errors(trackingUri="http://m:5000", model="m", token="abc")
+    assert found == [
+        "spec.output.registry.mlflow.token: unknown field "
+        "(check the spelling; fields are camelCase)"
+    ]
+
+
+def test_crd_schema_has_the_same_patterns() -> None:
+    from kubetune import crd
+
+    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    mlflow = schema["properties"]["spec"]["properties"]["output"]["properties"]["registry"][
+        "properties"
+    ]["mlflow"]
+    assert mlflow["properties"]["trackingUri"]["pattern"] == api.TRACKING_URI_PATTERN
+    assert mlflow["properties"]["model"]["pattern"] == api.MLFLOW_MODEL_PATTERN
+    assert set(mlflow["required"]) == {"trackingUri", "model"}
+
+
+# --------------------------------------------------------------------------------------------
+# credentials: Secret references only
+
+
+def test_mlflow_credentials_only_as_optional_secret_references() -> None:
+    job = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0].to_api()
+    job["spec"]["output"]["registry"] = {
+        "mlflow": {"trackingUri": "http://m:5000", "model": "m", "credentialsSecret": "mlflow-auth"}
+    }
+    children = render.render(api.parse_job(job), uid="u", default_image="img:1", policy=None)
+    env = {e["name"]: e for e in children.job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for key in registry.CREDENTIAL_ENVS:
+        assert env[key] == {
+            "name": key,
+            "valueFrom": {"secretKeyRef": {"name": "mlflow-auth", "key": key, "optional": True}},
+        }
+    config = json.loads(children.config_map["data"]["config.json"])
+    assert config["spec"]["output"]["registry"]["mlflow"]["credentialsSecret"] == "mlflow-auth"
+    # Without a Secret there is nothing to reference.
+    job["spec"]["output"]["registry"]["mlflow"].pop("credentialsSecret")
+    plain = render.render(api.parse_job(job), uid="u", default_image="img:1", policy=None)
+    names = {e["name"] for e in plain.job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not names & set(registry.CREDENTIAL_ENVS)
+
+
+def test_credentials_header_from_env() -> None:
+    assert registry.Credentials.from_env({}).header() is None
+    token = registry.Credentials.from_env({"MLFLOW_TRACKING_TOKEN": "t0k"})
+    assert token.header() == "Bearer t0k"
+    basic = registry.Credentials.from_env(
+        {"MLFLOW_TRACKING_USERNAME": "ann", "MLFLOW_TRACKING_PASSWORD": "pw"}
+    )
+    assert basic.header() == "Basic YW5uOnB3"  # base64("ann:pw")
+
+
+# --------------------------------------------------------------------------------------------
+# decisions and status.promotion
+
+
+def test_decide_by_evaluation_gates_without_staging() -> None:
+    s = spec()
+    assert promotion.decide(s, []) == ("Promoted", "no gates declared")
+    assert promotion.decide(s, [gate(True)]) == ("Promoted", "1 evaluation gate(s) passed")
+    state, message = promotion.decide(s, [gate(True), gate(False, "tuned.loss")])
+    assert state == "NotPromoted" and "tuned.loss < 0: FAILED" in message
+
+
+def test_missing_gate_results_never_promote() -> None:
+    body = trainer_runs.spec_dict(Path("/d.jsonl"), Path("/o"))
+    body["evaluation"]["gates"] = [{"metric": "delta.loss", "op": "<", "value": 0}] * 2
+    s = api.FineTuneJobSpec.model_validate(body)
+    assert promotion.decide(s, [gate(True)])[0] == "NotPromoted"
+
+
+def test_record_says_what_and_when() -> None:
+    artifacts = api.Artifacts(adapter="s3://b/a", merged="s3://b/m", tokenizer="s3://b/t")
+    done = promotion.record(
+        state="Promoted", message="ok", gates=[gate(True)], artifacts=artifacts, now=NOW
+    )
+    assert done.artifact == "s3://b/m"  # merged beats the adapter
+    assert done.gates == ["delta.loss < 0: passed (actual -0.5)"]
+    assert done.promotedAt == NOW and done.registeredAt is None
+    held = promotion.record(
+        state="NotPromoted",
+        message="no",
+        gates=[gate(False)],
+        artifacts=artifacts,
+        now=NOW,
+        registry=api.RegistryRecord(trackingUri="http://m", model="m", version="3"),
+    )
+    assert held.promotedAt is None and held.registeredAt == NOW
+    assert promotion.promoted_artifact(api.Artifacts(adapter="a", model="full")) == "full"
+    assert promotion.promoted_artifact(None) is None
+
+
+def test_failed_keeps_the_record_and_drops_the_promotion_time() -> None:
+    done = promotion.record(state="Promoted", message="ok", gates=[], artifacts=None, now=NOW)
+    failed = promotion.failed(done, "output.registry.mlflow: MLflow at http://x: unreachable")
+    assert failed.state == "Failed" and failed.promotedAt is None
+    assert "http://x" in failed.message
+
+
+def test_after_staging_hook() -> None:
+    status = api.FineTuneJobStatus(
+        gates=[gate(True)],
+        artifacts=api.Artifacts(adapter="s3://b/a"),
+        promotion=api.Promotion(
+            state="Pending",
+            registry=api.RegistryRecord(
+                trackingUri="http://m", model="m", version="2", aliases=["staging"]
+            ),
+            registeredAt="2026-12-01T00:00:00Z",
+        ),
+    )
+    ok, move = promotion.after_staging(spec(), status, [gate(True, "p95TtftMs")], NOW)
+    assert move and ok.state == "Promoted" and ok.promotedAt == NOW
+    assert ok.registry is not None and ok.registry.aliases == ["production", "staging"]
+    assert ok.registeredAt == "2026-12-01T00:00:00Z"
+    eval_failed = status.model_copy(update={"gates": [gate(False)]})
+    held, move = promotion.after_staging(spec(), eval_failed, [gate(True, "p95TtftMs")], NOW)
+    assert not move and held.state == "NotPromoted"
+    assert held.registry is not None and held.registry.aliases == ["staging"]
+
+
+def test_summary_lines() -> None:
+    done = api.Promotion(
+        state="Promoted",
+        message="1 evaluation gate(s) passed",
+        registry=api.RegistryRecord(
+            trackingUri="http://m:5000",
+            model="bot",
+            version="4",
+            runId="r1",
+            source="s3://b/m",
+            aliases=["staging", "production"],
+        ),
+    )
+    assert promotion.summary_lines(done) == [
+        "promotion: Promoted: 1 evaluation gate(s) passed",
+        "  registry    http://m:5000 model bot",
+        "  version     4 (aliases: staging, production; run r1)",
+        "  source      s3://b/m",
+    ]
+    assert promotion.summary_lines(None) == []
+
+
+# --------------------------------------------------------------------------------------------
+# what a run logs
+
+
+def test_run_params_are_the_spec_training_fields() -> None:
+    params = registry.run_params(spec())
+    assert params["training.learningRate"] == "0.002"
+    assert params["training.maxSteps"] == "6"
+    assert params["method.type"] == "lora"
+    assert params["method.lora.r"] == "4"
+    assert params["method.lora.targetModules"] == '["q_proj","v_proj"]'
+    assert params["model.revision"] == "demo-v1"
+    assert params["dataset.split.seed"] == "0"
+    assert all(len(v) <= registry.MAX_PARAM_VALUE for v in params.values())
+
+
+def test_run_metrics_use_gate_names() -> None:
+    metrics = api.Metrics(base={"loss": 2.0}, tuned={"loss": 1.5}, delta={"loss": -0.5})
+    assert registry.run_metrics(metrics) == {
+        "base.loss": 2.0,
+        "tuned.loss": 1.5,
+        "delta.loss": -0.5,
+    }
+
+
+def test_local_folder() -> None:
+    assert registry.local_folder("file:///tmp/out/adapter") == Path("/tmp/out/adapter")
+    assert registry.local_folder("/tmp/out/adapter") == Path("/tmp/out/adapter")
+    assert registry.local_folder("s3://bucket/adapter") is None
+
+
+# --------------------------------------------------------------------------------------------
+# through the termination message into status
+
+
+def test_promotion_travels_compact_and_the_operator_fills_it_back() -> None:
+    artifacts = api.Artifacts(adapter="s3://b/run/adapter")
+    gates = [gate(True)]
+    done = promotion.record(
+        state="Promoted",
+        message="1 evaluation gate(s) passed",
+        gates=gates,
+        artifacts=artifacts,
+        now=NOW,
+        registry=api.RegistryRecord(
+            trackingUri="http://m", model="m", version="1", aliases=["staging", "production"]
+        ),
+    )
+    text = termination_message(
+        api.FineTuneJobStatus(
+            phase="Succeeded",
+            gates=gates,
+            artifacts=artifacts,
+            promotion=done,
+            metrics=api.Metrics(tuned={"loss": 1.0}),
+        )
+    )
+    sent = json.loads(text)["promotion"]
+    assert "artifacts" not in sent and "gates" not in sent
+    status = st.compute(
+        previous=api.FineTuneJobStatus(jobName="x-trainer", phase="Running"),
+        generation=1,
+        spec=spec(),
+        job={
+            "metadata": {"name": "x-trainer"},
+            "spec": {},
+            "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+        },
+        pods=[
+            {
+                "metadata": {"creationTimestamp": "2026-12-01T11:00:00Z"},
+                "spec": {"containers": [{"name": "trainer"}]},
+                "status": {
+                    "phase": "Succeeded",
+                    "containerStatuses": [
+                        {
+                            "name": "trainer",
+                            "state": {
+                                "terminated": {
+                                    "exitCode": 0,
+                                    "reason": "Completed",
+                                    "message": text,
+                                }
+                            },
+                        }
+                    ],
+                },
+            }
+        ],
+        live=None,
+        now=datetime(2026, 12, 1, 12, tzinfo=UTC),
+    )
+    assert status.promotion is not None
+    assert status.promotion == done
