@@ -4,9 +4,11 @@
 What goes to MLflow: params (the spec's model, dataset, method and training fields), metrics
 (``base.*``, ``tuned.*``, ``delta.*`` from the test split), tags with every artifact URI, and
 report.json plus the loss curve as run artifacts (small files, through the server's artifact
-proxy). The weights are not copied: the model version's ``source`` is the committed artifact URI
-in the output location (``s3://...``), so a registry entry never points at a half-uploaded copy
-and gigabytes are not stored twice. The version gets alias ``staging``; ``production`` follows
+proxy). Remote weights are not copied: the model version's ``source`` is the committed artifact
+URI in the output location (``s3://...``), so a registry entry never points at a half-uploaded
+copy and gigabytes are not stored twice. A local output (``file://``, ``kubetune run``) is copied
+into the run's artifacts and that copy registered: a local path means nothing on another
+machine, and MLflow refuses local sources outside the run's artifacts. The version gets alias ``staging``; ``production`` follows
 when the gates pass (promotion.py decides; with staging configured, the staging step moves it).
 
 A registry failure never loses the training: the artifacts and report.json are already
