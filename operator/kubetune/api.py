@@ -788,6 +788,153 @@ class RunPolicySpec(ApiModel):
 
 
 # --------------------------------------------------------------------------------------------
+# spec.staging
+
+# What staging can serve besides a quantized export's name (spec.output.quantize).
+STAGING_ARTIFACTS = ("adapter", "merged")
+ARTIFACT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,62}$"
+
+
+class LoadProfileSpec(ApiModel):
+    model_config = _cel(
+        (
+            "!has(self.type) || self.type == 'concurrency' || has(self.rate)",
+            "load: constant and poisson need rate (requests per second)",
+        ),
+        (
+            "!has(self.type) || self.type != 'concurrency' || has(self.concurrency)",
+            "load: concurrency needs concurrency (a list of levels)",
+        ),
+    )
+
+    type: Literal["constant", "poisson", "concurrency"] = Field(
+        default="poisson",
+        description="constant: requests at a fixed rate; poisson: requests at random times "
+        "with the given mean rate (what independent users do); concurrency: a sweep, each "
+        "level keeps that many requests in flight for durationSeconds.",
+    )
+    rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="Requests per second (constant and poisson).",
+    )
+    concurrency: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Requests in flight, one benchmark per level (type concurrency).",
+    )
+    durationSeconds: int = Field(
+        default=60, ge=5, le=3600, description="Length of each benchmark (each level of a sweep)."
+    )
+    maxPrompts: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Prompts drawn from the test split (formatted as the trainer formats "
+        "them); each request asks for as many tokens as that row's real completion has.",
+    )
+    maxOutputTokens: int = Field(
+        default=256,
+        ge=1,
+        le=32_768,
+        description="Cap on the tokens one request asks for.",
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> LoadProfileSpec:
+        if self.type in ("constant", "poisson") and self.rate is None:
+            raise ValueError(f"rate: type {self.type} needs rate (requests per second)")
+        if self.type == "concurrency" and not self.concurrency:
+            raise ValueError("concurrency: type concurrency needs a list of levels, e.g. [1, 4]")
+        if self.type != "concurrency" and self.concurrency is not None:
+            raise ValueError(f"concurrency: only used with type concurrency, not {self.type}")
+        if self.type == "concurrency" and self.rate is not None:
+            raise ValueError("rate: not used with type concurrency")
+        return self
+
+
+class StagingGatesSpec(ApiModel):
+    p95TtftMs: float | None = Field(
+        default=None, gt=0, description="Highest allowed p95 time to first token, ms."
+    )
+    p95ItlMs: float | None = Field(
+        default=None, gt=0, description="Highest allowed p95 inter-token latency, ms."
+    )
+    minOutputTokensPerSecond: float | None = Field(
+        default=None, gt=0, description="Lowest allowed output throughput, tokens/s."
+    )
+    maxCostPer1MTokens: float | None = Field(
+        default=None,
+        gt=0,
+        description="Highest allowed serving cost per million output tokens (needs "
+        "costPerGpuHour), in its currency.",
+    )
+
+
+class StagingSpec(ApiModel):
+    model_config = _cel(
+        (
+            "!has(self.gates) || !has(self.gates.maxCostPer1MTokens) || has(self.costPerGpuHour)",
+            "staging.gates.maxCostPer1MTokens needs staging.costPerGpuHour",
+        ),
+    )
+
+    engine: Literal["vllm"] = Field(default="vllm", description="The serving engine.")
+    image: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        default=None, description="Engine image; the operator's default when omitted."
+    )
+    replicas: int = Field(default=1, ge=1, le=64, description="Engine replicas behind the Service.")
+    gpus: int = Field(
+        default=1, ge=0, le=16, description="GPUs per replica (0: the CPU build of the engine)."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request per replica.")
+    memory: Quantity | None = Field(default=None, description="Memory request per replica.")
+    artifact: Annotated[str, StringConstraints(max_length=63, pattern=ARTIFACT_NAME_PATTERN)] = (
+        Field(
+            default="adapter",
+            description="What to serve: adapter (the LoRA adapter on the base model), merged "
+            "(the merged model, or the fully tuned one with method full), or the name of a "
+            "quantized export from spec.output.quantize.",
+        )
+    )
+    maxModelLen: int | None = Field(
+        default=None, ge=16, le=1_048_576, description="The engine's context length limit."
+    )
+    load: LoadProfileSpec = Field(
+        default_factory=lambda: LoadProfileSpec(rate=1.0),
+        description="The load profile (default: poisson, 1 request/s, 60 s).",
+    )
+    costPerGpuHour: float | None = Field(
+        default=None,
+        ge=0,
+        description="What one GPU costs per hour (with gpus 0: one replica), in the currency "
+        "of your choice; gives status.staging.results.costPer1MTokens.",
+    )
+    gates: StagingGatesSpec = Field(
+        default_factory=StagingGatesSpec,
+        description="Limits the load test must meet; all of them go into GatesPassed.",
+    )
+    readyTimeoutSeconds: int = Field(
+        default=900,
+        ge=10,
+        le=86_400,
+        description="How long the engine may take to become ready before staging fails.",
+    )
+    keep: bool = Field(
+        default=False,
+        description="Keep the engine running after the load test (default: torn down).",
+    )
+
+    @model_validator(mode="after")
+    def _cost(self) -> StagingSpec:
+        if self.gates.maxCostPer1MTokens is not None and self.costPerGpuHour is None:
+            raise ValueError("gates.maxCostPer1MTokens: needs staging.costPerGpuHour")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
 # spec
 
 _IMMUTABLE = ("model", "dataset", "method", "training", "evaluation", "output")
@@ -819,13 +966,44 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = Field(
         default=False, description="Suspend the job (no pods); set back to false to resume."
     )
+    staging: StagingSpec | None = Field(
+        default=None,
+        description="After training: serve the result with a real engine, load-test it with "
+        "prompts from the test split and gate on latency, throughput and cost.",
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> FineTuneJobSpec:
         if self.method.type == "qlora" and self.training.precision == "fp16":
             # bitsandbytes k-bit training with fp16 autocast diverges without loss scaling.
             raise ValueError("training.precision: qlora supports auto, bf16 or fp32, not fp16")
+        if self.staging is not None:
+            problem = staging_artifact_problem(self)
+            if problem:
+                raise ValueError(f"staging.artifact: {problem}")
         return self
+
+
+def staging_artifact_problem(spec: FineTuneJobSpec) -> str | None:
+    """Why spec.staging.artifact names nothing this spec produces (None when it does)."""
+    assert spec.staging is not None
+    artifact = spec.staging.artifact
+    if artifact == "adapter":
+        if spec.method.type == "full":
+            return "method full trains no adapter: serve merged (the tuned model)"
+        return None
+    if artifact == "merged":
+        if spec.method.type != "full" and not spec.output.mergeAdapter:
+            return "merged needs spec.output.mergeAdapter: true"
+        return None
+    exports = [str(f) for f in getattr(spec.output, "quantize", None) or []]
+    if artifact not in exports:
+        listed = ", ".join(exports) or "none"
+        return (
+            f"{artifact!r} is neither adapter, merged nor a format in spec.output.quantize "
+            f"({listed})"
+        )
+    return None
 
 
 def is_gguf_source(source: str) -> bool:
@@ -933,6 +1111,62 @@ class GateResult(ApiModel):
         if self.actual is None:
             return f"{rule}: FAILED (not measured: see the report's evaluation notes)"
         return f"{rule}: {'passed' if self.passed else 'FAILED'} (actual {self.actual:.4g})"
+
+
+StagingPhase = Literal["Deploying", "LoadTesting", "Succeeded", "Failed"]
+STAGING_TERMINAL: tuple[StagingPhase, ...] = ("Succeeded", "Failed")
+
+
+class StagingResults(ApiModel):
+    """One load benchmark as the load generator measured it (a sweep: one per level)."""
+
+    level: str | None = Field(
+        default=None, description="The load of this benchmark: 'rate 2/s', 'concurrency 4'."
+    )
+    requests: int = Field(default=0, ge=0, description="Requests that completed.")
+    errors: int = Field(default=0, ge=0, description="Requests that failed.")
+    durationSeconds: float | None = Field(default=None, ge=0, description="Benchmark length.")
+    requestsPerSecond: float | None = Field(default=None, ge=0, description="Completed req/s.")
+    ttftP50Ms: float | None = Field(default=None, ge=0, description="Median time to first token.")
+    ttftP95Ms: float | None = Field(default=None, ge=0, description="p95 time to first token.")
+    itlP50Ms: float | None = Field(default=None, ge=0, description="Median inter-token latency.")
+    itlP95Ms: float | None = Field(default=None, ge=0, description="p95 inter-token latency.")
+    latencyP95Ms: float | None = Field(default=None, ge=0, description="p95 request latency.")
+    outputTokensPerSecond: float | None = Field(
+        default=None, ge=0, description="Output tokens per second over the benchmark."
+    )
+    outputTokens: int | None = Field(default=None, ge=0, description="Output tokens in total.")
+    costPer1MTokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="Serving cost per million output tokens at this throughput "
+        "(spec.staging.costPerGpuHour).",
+    )
+
+
+class StagingStatus(ApiModel):
+    phase: StagingPhase = Field(description="Deploying, LoadTesting, Succeeded or Failed.")
+    artifact: str = Field(description="What was served (adapter, merged or an export).")
+    kind: Literal["Deployment", "InferenceService"] = Field(
+        default="Deployment", description="How the engine was deployed."
+    )
+    server: str | None = Field(default=None, description="The engine's Deployment / ISVC.")
+    service: str | None = Field(default=None, description="The Service the load goes to.")
+    loadJob: str | None = Field(default=None, description="The load generator's Job.")
+    startTime: str | None = Field(default=None, description="When staging began.")
+    readyTime: str | None = Field(default=None, description="When the engine was ready.")
+    completionTime: str | None = Field(default=None, description="When staging finished.")
+    results: StagingResults | None = Field(
+        default=None, description="The worst level of the load test (what the gates judge)."
+    )
+    levels: list[StagingResults] = Field(
+        default_factory=list, max_length=16, description="Every benchmark of the load test."
+    )
+    gates: list[GateResult] = Field(default_factory=list, description="Staging gate results.")
+    tornDown: bool | None = Field(
+        default=None, description="Whether the engine was removed (false with keep: true)."
+    )
+    message: str | None = Field(default=None, description="What happened, or why it failed.")
 
 
 class Artifacts(ApiModel):
@@ -1089,6 +1323,9 @@ class FineTuneJobStatus(ApiModel):
     )
     promotion: Promotion | None = Field(
         default=None, description="What was promoted (model version, artifacts, gates) and when."
+    )
+    staging: StagingStatus | None = Field(
+        default=None, description="The staging load test (spec.staging)."
     )
 
 

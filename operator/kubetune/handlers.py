@@ -4,6 +4,8 @@
 - update of spec: suspend/resume the Job; any other change is ignored with a condition;
 - timer (per job, while not finished): Job + pods (from watch-fed indexes, no polling of the
   API) + the trainer's /metrics -> st.compute -> one status patch when something changed;
+- staging timer (spec.staging, after training succeeded): engine + load Job -> staging.step
+  -> status.staging, conditions Staged and GatesPassed; the engine is torn down afterwards;
 - delete: children go by owner reference; the operator only forgets the job's metrics.
 """
 
@@ -20,7 +22,7 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from kubetune import api, k8s, metrics, model_headers, plan, render, sweep_handlers
+from kubetune import api, k8s, metrics, model_headers, plan, render, staging, sweep_handlers
 from kubetune import status as st
 from kubetune.policy import license_problem
 from kubetune.settings import Settings
@@ -92,6 +94,7 @@ class Operator:
         self.client = client or k8s.Client()
         self.policy = api.Policy(allowedLicenses=config.allowed_licenses)
         self._scraper: aiohttp.ClientSession | None = None
+        self._kserve: bool | None = None  # discovery, once
 
     def problems(self, job: api.FineTuneJob) -> list[str]:
         """What would fail after the schema passed it: the license policy, and children the
@@ -277,6 +280,110 @@ class Operator:
                 _announce(body, old, new)
             metrics.job_state(namespace, name, new.phase, new.progress, _created(meta), now)
 
+    async def engine_kind(self) -> staging.Kind:
+        """Deployment + Service, or a KServe InferenceService where its CRD is served."""
+        choice = self.config.staging_engine
+        if choice == "deployment":
+            return "Deployment"
+        if choice == "inferenceservice":
+            return "InferenceService"
+        if self._kserve is None:
+            group = f"{staging.KSERVE_GROUP}/{staging.KSERVE_VERSION}"
+            self._kserve = await self.client.serves(group, "inferenceservices")
+        return "InferenceService" if self._kserve else "Deployment"
+
+    async def stage(
+        self,
+        *,
+        body: kopf.Body,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        uid: str,
+        name: str,
+        namespace: str | None,
+        **indexes: Any,
+    ) -> None:
+        """spec.staging after training: one step of staging.step per tick."""
+        namespace = namespace or "default"
+        try:
+            job = _parse(body)
+        except ValidationError:
+            return
+        now, old = _now(), _stored_status(status)
+        spec = job.spec
+        assert spec.staging is not None
+        kind = old.staging.kind if old.staging else await self.engine_kind()
+        engine_version = "apps/v1" if kind == "Deployment" else "serving.kserve.io/v1beta1"
+        child = staging.server_name(name)
+        pods = list(indexes["trainer_pods"].get((namespace, name), []))
+        engine = await self.client.get(engine_version, kind, namespace, child)
+        load_job = await self.client.get("batch/v1", "Job", namespace, staging.load_job_name(name))
+        problem = staging.engine_problem(staging.engine_pods(pods))
+        if staging.deploy_timed_out(spec, old.staging, now):
+            for pod in staging.engine_pods(pods)[:1]:
+                tail = await self.client.pod_log(
+                    namespace,
+                    pod["metadata"]["name"],
+                    staging.ENGINE_CONTAINER,
+                    staging.LOG_TAIL_LINES,
+                )
+                if tail.strip():
+                    problem = f"{problem}\nlog tail:\n{tail.strip()}".strip()
+        served, missing = staging.artifact_source(spec, old.artifacts, old.quantized)
+        result = staging.step(
+            spec,
+            old.staging,
+            staging.Seen(
+                engine_exists=engine is not None,
+                ready_replicas=staging.ready_replicas(engine, kind),
+                engine_problem=problem,
+                load_job=load_job,
+                load_pods=staging.load_pods(pods),
+            ),
+            name=name,
+            kind=kind,
+            now=now,
+            problem=missing,
+        )
+        image = spec.resources.image or self.config.trainer_image
+        try:
+            if result.create_engine and served is not None:
+                engine_image = spec.staging.image or (
+                    self.config.vllm_image if spec.staging.gpus else self.config.vllm_cpu_image
+                )
+                for obj in staging.render_engine(
+                    job, served, kind=kind, uid=uid, engine_image=engine_image, trainer_image=image
+                ):
+                    await self.client.create(obj)
+            if result.create_load:
+                artifacts = old.artifacts or api.Artifacts()
+                target = staging.engine_target(engine, kind, name, namespace)
+                tokenizer = artifacts.tokenizer or spec.model.source
+                await self.client.create(
+                    staging.render_load_job(
+                        job, target=target, tokenizer=tokenizer, uid=uid, trainer_image=image
+                    )
+                )
+            if result.tear_down:
+                await self.client.delete(engine_version, kind, namespace, child)
+                if kind == "Deployment":
+                    await self.client.delete("v1", "Service", namespace, child)
+        except k8s.ApiError as error:
+            raise kopf.TemporaryError(f"staging: {error}", delay=10) from error
+        new = st.with_staging(old, result.status, generation=meta.get("generation"), now=now)
+        changes = st.patch_for(old, new, now=now, min_progress_interval=0)
+        if changes:
+            patch.setdefault("status", {}).update(changes)
+            _announce(body, old, new)
+            if old.staging is None or old.staging.phase != result.status.phase:
+                warn = result.status.phase == "Failed"
+                (kopf.warn if warn else kopf.info)(
+                    body,
+                    reason=st.condition(new, st.STAGED).reason,  # type: ignore[union-attr]
+                    message=result.status.message or result.status.phase,
+                )
+
     def scraper(self) -> aiohttp.ClientSession:
         if self._scraper is None or self._scraper.closed:
             self._scraper = aiohttp.ClientSession()
@@ -290,6 +397,12 @@ class Operator:
 
 def _not_finished(status: kopf.Status, **_: Any) -> bool:
     return bool(status.get("jobName")) and status.get("phase") not in st.TERMINAL
+
+
+def _staging_due(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    if not spec.get("staging") or status.get("phase") != "Succeeded":
+        return False
+    return (status.get("staging") or {}).get("phase") not in api.STAGING_TERMINAL
 
 
 def register(config: Settings, client: k8s.Client | None = None) -> kopf.OperatorRegistry:
@@ -355,6 +468,14 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
         when=_not_finished,
         registry=registry,
     )(op.refresh)
+
+    kopf.timer(
+        *RESOURCE,
+        id="stage",
+        interval=config.progress_interval,
+        when=_staging_due,
+        registry=registry,
+    )(op.stage)
 
     sweep_handlers.register(registry, op.client, config.progress_interval)
 

@@ -8,8 +8,11 @@ API verbs the operator uses (the Helm chart's RBAC grants exactly these):
   kubetune.io  finetunesweeps/status  get patch              (kopf: status patches)
   batch        jobs                   get list watch create patch   (patch: spec.suspend)
   ""           configmaps             create
-  ""           services               create                 (multi-node only)
+  ""           services               create delete          (multi-node; staging engine)
   ""           pods                   get list watch         (read-only: reasons, pod IP)
+  ""           pods/log               get                    (staging: an engine's log tail)
+  apps         deployments            get create delete      (staging engine)
+  serving.kserve.io inferenceservices get create delete      (staging engine, KServe)
   ""           events                 create patch           (kopf.event; patch for repeats)
   events.k8s.io events                create patch           (newer kopf versions)
 
@@ -51,7 +54,19 @@ _PLURALS = {
     ("v1", "Service"): "services",
     ("batch/v1", "Job"): "jobs",
     ("kubetune.io/v1alpha1", "FineTuneJob"): "finetunejobs",  # a FineTuneSweep's trials
+    ("apps/v1", "Deployment"): "deployments",  # staging engine
+    ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservices",  # staging, KServe
 }
+
+
+def _prefix(api_version: str) -> str:
+    return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+
+
+def _path(api_version: str, kind: str, namespace: str, name: str = "") -> str:
+    plural = _PLURALS[(api_version, kind)]
+    path = f"{_prefix(api_version)}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
 
 
 class ApiError(Exception):
@@ -197,6 +212,73 @@ class Client:
                 return False
             raise
         return True
+
+    async def get(
+        self, api_version: str, kind: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        """One namespaced object, or None when it does not exist."""
+        try:
+            result: dict[str, Any] = await self._request(
+                "GET",
+                _path(api_version, kind, namespace, name),
+                operation=f"get_{_PLURALS[(api_version, kind)]}",
+            )
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+        return result
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete with background propagation (pods go by garbage collection); False on 404."""
+        try:
+            await self._request(
+                "DELETE",
+                _path(api_version, kind, namespace, name),
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": "Background",
+                },
+                operation=f"delete_{_PLURALS[(api_version, kind)]}",
+            )
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def pod_log(self, namespace: str, pod: str, container: str, lines: int) -> str:
+        """The last ``lines`` lines of a container's log ('' when there is none yet)."""
+        auth = await self._authenticated()
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        url = (
+            f"{auth.server}/api/v1/namespaces/{namespace}/pods/{pod}/log"
+            f"?container={container}&tailLines={lines}"
+        )
+        headers = {**auth.headers, "User-Agent": USER_AGENT}
+        try:
+            async with self._session.get(url, headers=headers, ssl=auth.ssl) as response:
+                if response.status >= 400:
+                    metrics.api_error("get_pods_log", str(response.status))
+                    return ""
+                return await response.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as error:
+            metrics.api_error("get_pods_log", type(error).__name__)
+            return ""
+
+    async def serves(self, group_version: str, plural: str) -> bool:
+        """API discovery: does the server serve ``plural`` in ``group_version``? (Discovery is
+        open to every authenticated user: no RBAC needed.)"""
+        try:
+            data = await self._request("GET", f"/apis/{group_version}", operation="discovery")
+        except ApiError as error:
+            if error.status in (403, 404, 503):
+                return False
+            raise
+        names = [r.get("name") for r in (data or {}).get("resources") or []]
+        return plural in names
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -18,6 +18,9 @@ from pydantic_settings import (
 )
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+# spec.staging's engine images (spec.staging.image overrides): GPU and CPU builds of vLLM.
+DEFAULT_VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.32.0"
+DEFAULT_VLLM_CPU_IMAGE = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
 ENV_PREFIX = "KUBETUNE_"
 
 Port = Annotated[int, Field(gt=0, lt=65536)]
@@ -51,8 +54,21 @@ class Settings(BaseSettings):
     # config.json and safetensors headers from S3 with the operator's own identity (the
     # boto3 default chain: IRSA / workload identity, or AWS_* from the chart's optional Secret).
     plan_models: bool = False
+    vllm_image: str = DEFAULT_VLLM_IMAGE
+    vllm_cpu_image: str = DEFAULT_VLLM_CPU_IMAGE
+    # How spec.staging deploys the engine: auto (an InferenceService where KServe's CRD is
+    # served, a Deployment + Service elsewhere), deployment, or inferenceservice.
+    staging_engine: Literal["auto", "deployment", "inferenceservice"] = "auto"
 
-    @field_validator("namespace", "trainer_image", "log_format", mode="before")
+    @field_validator(
+        "namespace",
+        "trainer_image",
+        "log_format",
+        "vllm_image",
+        "vllm_cpu_image",
+        "staging_engine",
+        mode="before",
+    )
     @classmethod
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value

@@ -30,6 +30,7 @@ RUNNING = "Running"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 GATES_PASSED = "GatesPassed"
+STAGED = "Staged"
 SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
 
 # Reasons (CamelCase, stable: alerts and scripts match on them).
@@ -59,6 +60,11 @@ NO_GATES = "NoGates"
 NOT_EVALUATED = "NotEvaluated"
 SPEC_IMMUTABLE = "SpecImmutable"
 DOES_NOT_FIT = "DoesNotFit"
+STAGING_PENDING = "StagingPending"
+STAGING_DEPLOYING = "StagingDeploying"
+STAGING_LOAD_TESTING = "StagingLoadTesting"
+STAGING_COMPLETE = "StagingComplete"
+STAGING_FAILED = "StagingFailed"
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,21 @@ CONDITION_REASONS: dict[str, tuple[tuple[Reason, ...], tuple[Reason, ...]]] = {
         (
             Reason(GATE_FAILED, "each failed gate with its value"),
             Reason(NOT_EVALUATED, "Unknown: the trainer's result or some gate results missing"),
+            Reason(STAGING_PENDING, "Unknown: evaluation gates passed, staging not finished"),
+            Reason(STAGING_FAILED, "spec.staging could not measure: its gates cannot pass"),
+        ),
+    ),
+    STAGED: (
+        (Reason(STAGING_COMPLETE, "the load test ran; status.staging has the results"),),
+        (
+            Reason(STAGING_PENDING, "Unknown: training not finished"),
+            Reason(STAGING_DEPLOYING, "Unknown: waiting for the engine"),
+            Reason(STAGING_LOAD_TESTING, "Unknown: the load Job runs"),
+            Reason(
+                STAGING_FAILED,
+                "engine never ready (its reason, log tail) or load test failed; training's "
+                "results stay",
+            ),
         ),
     ),
     SPEC_CHANGE_IGNORED: ((Reason(SPEC_IMMUTABLE, "which fields"),), ()),
@@ -194,7 +215,16 @@ def set_condition(
 _ORDER = {
     t: i
     for i, t in enumerate(
-        (VALIDATED, SUSPENDED, RUNNING, SUCCEEDED, FAILED, GATES_PASSED, SPEC_CHANGE_IGNORED)
+        (
+            VALIDATED,
+            SUSPENDED,
+            RUNNING,
+            SUCCEEDED,
+            FAILED,
+            STAGED,
+            GATES_PASSED,
+            SPEC_CHANGE_IGNORED,
+        )
     )
 }
 
@@ -621,6 +651,17 @@ def _succeeded(
     conds.set(SUCCEEDED, "True", TRAINING_COMPLETE, message)
     conds.set(FAILED, "False", FINISHED, message)
     _gates_condition(conds, gates, result, len(spec.evaluation.gates))
+    if spec.staging is not None:
+        conds.set(STAGED, "Unknown", STAGING_PENDING, "staging starts after training")
+        passed = next((c for c in conds.items if c.type == GATES_PASSED), None)
+        if passed is not None and passed.status == "True":
+            # Promotion must wait for the staging gates too.
+            conds.set(
+                GATES_PASSED,
+                "Unknown",
+                STAGING_PENDING,
+                f"evaluation: {passed.message}; waiting for the staging load test",
+            )
     return message
 
 
@@ -717,6 +758,46 @@ def _gates_condition(
         conds.set(GATES_PASSED, "False", GATE_FAILED, f"failed: {detail}")
     else:
         conds.set(GATES_PASSED, "True", ALL_GATES_PASSED, f"{len(gates)} gate(s) passed")
+
+
+def with_staging(
+    previous: api.FineTuneJobStatus,
+    staging: api.StagingStatus,
+    *,
+    generation: int | None,
+    now: datetime,
+) -> api.FineTuneJobStatus:
+    """status.staging plus conditions Staged and GatesPassed (evaluation and staging gates
+    together). Training's outcome (phase Succeeded, artifacts) is never changed by staging."""
+    conds = Conditions(previous.conditions, now=now, generation=generation)
+    message = staging.message or staging.phase
+    reason = {
+        "Deploying": STAGING_DEPLOYING,
+        "LoadTesting": STAGING_LOAD_TESTING,
+        "Succeeded": STAGING_COMPLETE,
+        "Failed": STAGING_FAILED,
+    }[staging.phase]
+    staged = {"Succeeded": "True", "Failed": "False"}.get(staging.phase, "Unknown")
+    conds.set(STAGED, staged, reason, message)  # type: ignore[arg-type]
+    gates = condition(previous, GATES_PASSED)
+    evaluation_failed = gates is not None and gates.status == "False"
+    evaluation_unknown = gates is not None and gates.reason == NOT_EVALUATED
+    if not evaluation_failed and not evaluation_unknown:
+        if staging.phase == "Failed":
+            conds.set(GATES_PASSED, "False", STAGING_FAILED, f"staging failed: {message}")
+        elif staging.phase == "Succeeded":
+            failed = [g for g in staging.gates if not g.passed]
+            everything = len(previous.gates) + len(staging.gates)
+            if failed:
+                detail = "; ".join(g.describe() for g in failed)
+                conds.set(GATES_PASSED, "False", GATE_FAILED, f"failed: {detail}")
+            elif everything:
+                conds.set(GATES_PASSED, "True", ALL_GATES_PASSED, f"{everything} gate(s) passed")
+            else:
+                conds.set(GATES_PASSED, "True", NO_GATES, "no gates declared")
+    return previous.model_copy(
+        update={"staging": staging, "conditions": conds.items, "observedGeneration": generation}
+    )
 
 
 # --------------------------------------------------------------------------------------------

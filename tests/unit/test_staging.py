@@ -1,0 +1,489 @@
+"""spec.staging: validation with field paths, the engine/load renders (golden YAML, strict
+Kubernetes schema, hardening), guidellm report parsing (a real report, kept as a fixture), gate
+evaluation, the staging state machine and the conditions it leads to."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from pydantic import ValidationError
+
+from kubetune import api, manifests, staging
+from kubetune import status as st
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+FIXTURE = Path(__file__).parent / "fixtures" / "guidellm-report.json"
+UID = "0b0b2c1e-4a6f-4d2b-9a7e-5e2f0d1c3b4a"
+TRAINER = "registry.example.com/kubetune/trainer:1.2.3"
+ENGINE = "registry.example.com/vllm/vllm-openai:0.32.0"
+K8S_VERSION = "1.33.0"
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+ARTIFACTS = api.Artifacts(
+    adapter="s3://models/tuned/support-bot/adapter",
+    tokenizer="s3://models/tuned/support-bot/tokenizer",
+)
+
+
+def example(**staging_changes: Any) -> api.FineTuneJob:
+    loaded = manifests.load_file(ROOT / "examples" / "staging-s3.yaml")
+    assert not loaded.problems, loaded.problems
+    job = loaded.jobs[0]
+    if not staging_changes:
+        return job
+    data = job.to_api()
+    data["spec"]["staging"].update(staging_changes)
+    return api.parse_job(data)
+
+
+def errors(**spec_changes: Any) -> list[str]:
+    data = example().to_api()
+    for dotted, value in spec_changes.items():
+        node = data["spec"]
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    try:
+        api.parse_job(data)
+    except ValidationError as error:
+        return api.format_errors(error)
+    return []
+
+
+# ---- spec
+
+
+def test_the_example_is_valid_and_defaults_are_sensible() -> None:
+    spec = example().spec.staging
+    assert spec is not None and spec.engine == "vllm" and spec.keep is False
+    default = api.StagingSpec()
+    assert default.load.type == "poisson" and default.load.rate == 1.0
+    assert default.artifact == "adapter" and default.replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"staging__load": {"type": "constant"}}, "spec.staging.load.rate: type constant needs"),
+        (
+            {"staging__load": {"type": "concurrency"}},
+            "spec.staging.load.concurrency: type concurrency needs",
+        ),
+        (
+            {"staging__load": {"type": "poisson", "rate": 1, "concurrency": [1]}},
+            "spec.staging.load.concurrency: only used with type concurrency",
+        ),
+        (
+            {"staging__costPerGpuHour": None},
+            "spec.staging.gates.maxCostPer1MTokens: needs staging.costPerGpuHour",
+        ),
+        ({"staging__artifact": "merged"}, "spec.staging.artifact: merged needs spec.output"),
+        ({"staging__artifact": "gguf-q8_0"}, "spec.staging.artifact: 'gguf-q8_0' is neither"),
+        ({"staging__artifact": "Bad Name"}, "spec.staging.artifact: String should match"),
+        ({"staging__gates__p95TtftMs": 0}, "spec.staging.gates.p95TtftMs: Input should be"),
+        ({"staging__engine": "tgi"}, "spec.staging.engine: Input should be 'vllm'"),
+        ({"staging__load__durationSeconds": 1}, "spec.staging.load.durationSeconds:"),
+    ],
+)
+def test_bad_staging_specs_name_the_field(change: dict[str, Any], expected: str) -> None:
+    found = errors(**change)
+    assert any(line.startswith(expected) for line in found), found
+
+
+def test_merged_is_fine_with_merge_adapter_and_adapter_refused_with_full() -> None:
+    assert errors(staging__artifact="merged", output__mergeAdapter=True) == []
+    found = errors(method={"type": "full"})
+    assert any("spec.staging.artifact: method full trains no adapter" in e for e in found), found
+
+
+# ---- render
+
+
+def engine_objects(kind: staging.Kind = "Deployment", **changes: Any) -> list[dict[str, Any]]:
+    job = example(**changes)
+    served, problem = staging.artifact_source(job.spec, ARTIFACTS)
+    assert served is not None, problem
+    return staging.render_engine(
+        job, served, kind=kind, uid=UID, engine_image=ENGINE, trainer_image=TRAINER
+    )
+
+
+def load_job() -> dict[str, Any]:
+    job = example()
+    return staging.render_load_job(
+        job,
+        target=staging.service_url(job.metadata.name, "ml-team"),
+        tokenizer=ARTIFACTS.tokenizer or "",
+        uid=UID,
+        trainer_image=TRAINER,
+    )
+
+
+def test_golden() -> None:
+    from kubetune import render
+
+    objects = [*engine_objects(), load_job(), *engine_objects("InferenceService")]
+    text = render.to_yaml(objects)
+    golden = GOLDEN / "staging.yaml"
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"re-run with KUBETUNE_UPDATE_GOLDEN=1 to review {golden}"
+
+
+def test_built_in_objects_pass_strict_schema_validation() -> None:
+    for obj in [*engine_objects(), load_job()]:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def _pods() -> list[dict[str, Any]]:
+    deployment = engine_objects()[0]
+    isvc = engine_objects("InferenceService")[0]
+    return [
+        deployment["spec"]["template"]["spec"],
+        isvc["spec"]["predictor"],
+        load_job()["spec"]["template"]["spec"],
+    ]
+
+
+def test_every_pod_is_hardened_and_has_no_api_token() -> None:
+    for pod in _pods():
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/cache"}
+
+
+def test_credentials_are_references_and_never_in_args() -> None:
+    for pod in _pods():
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            text = json.dumps(container["command"])
+            assert "AWS_" not in text and "secret" not in text.lower()
+            for item in container.get("env", []):
+                if item["name"].startswith("AWS_"):
+                    assert "value" not in item and "secretKeyRef" in item["valueFrom"]
+
+
+def test_engine_serves_base_and_adapter_on_the_pod_address_with_a_readiness_probe() -> None:
+    deployment, service = engine_objects()
+    pod = deployment["spec"]["template"]["spec"]
+    (engine,) = pod["containers"]
+    command = engine["command"]
+    assert command[:3] == ["vllm", "serve", "/models/base"]
+    assert command[command.index("--lora-modules") + 1] == "tuned=/models/adapter"
+    assert command[command.index("--served-model-name") + 1] == "base"
+    assert command[command.index("--host") + 1] == "$(POD_IP)"
+    assert engine["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert engine["resources"] == {
+        "requests": {"nvidia.com/gpu": "1"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
+    (fetch,) = pod["initContainers"]
+    assert "base=s3://models/llama-3.1-8b-instruct" in fetch["command"]
+    assert "adapter=s3://models/tuned/support-bot/adapter" in fetch["command"]
+    # The Service selects exactly the engine pods (not the trainer's, not the load Job's).
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert labels["app.kubernetes.io/component"] == "staging-engine"
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == UID
+
+
+def test_merged_and_cpu_engines() -> None:
+    data = example().to_api()
+    data["spec"]["output"]["mergeAdapter"] = True
+    data["spec"]["staging"].update(artifact="merged", gpus=0)
+    job = api.parse_job(data)
+    served, _ = staging.artifact_source(job.spec, api.Artifacts(merged="s3://m/merged"))
+    assert served is not None and not served.lora
+    deployment = staging.render_engine(
+        job, served, kind="Deployment", uid=None, engine_image=ENGINE, trainer_image=TRAINER
+    )[0]
+    (engine,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert engine["command"][2] == "/models/merged" and "--enable-lora" not in engine["command"]
+    assert engine["command"][engine["command"].index("--served-model-name") + 1] == "tuned"
+    assert "nvidia.com/gpu" not in json.dumps(engine["resources"])
+    assert "ownerReferences" not in deployment["metadata"]
+
+
+def test_missing_artifacts_are_a_reason_not_a_crash() -> None:
+    spec = example().spec
+    served, problem = staging.artifact_source(spec, api.Artifacts())
+    assert served is None and problem == "training recorded no adapter artifact"
+
+
+def test_load_job_runs_once_with_a_deadline_from_the_profile() -> None:
+    job = load_job()
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["activeDeadlineSeconds"] == 120 + staging.LOAD_SLACK_SECONDS
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:4] == ["python", "-m", "kubetune_trainer.staging", "load"]
+    target = container["command"][container["command"].index("--target") + 1]
+    assert target == "http://support-bot-staged-serve.ml-team.svc:8000"
+    sweep = api.LoadProfileSpec(type="concurrency", concurrency=[1, 2, 4], durationSeconds=30)
+    assert staging.load_seconds(sweep) == 90
+
+
+def test_isvc_is_raw_deployment_with_fixed_replicas() -> None:
+    (isvc,) = engine_objects("InferenceService", replicas=2)
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["minReplicas"] == predictor["maxReplicas"] == 2
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}, **isvc}
+    assert staging.ready_replicas(ready, "InferenceService") == 2
+    addressed = {**ready, "status": {**ready["status"], "address": {"url": "http://x.ns.svc/"}}}
+    assert staging.engine_target(addressed, "InferenceService", "n", "ns") == "http://x.ns.svc"
+
+
+# ---- guidellm's report
+
+
+def test_parse_a_real_guidellm_report() -> None:
+    """FIXTURE is a real guidellm report (see tests/unit/fixtures/README.md for how it was
+    made): the parser must find every number in it, in the right units."""
+    report = json.loads(FIXTURE.read_text())
+    levels = staging.parse_guidellm(report)
+    assert len(levels) == len(report["benchmarks"]) >= 1
+    for level, raw in zip(levels, report["benchmarks"], strict=True):
+        metrics = raw["metrics"]
+        assert level.requests == metrics["request_totals"]["successful"] > 0
+        ttft = metrics["time_to_first_token_ms"]["successful"]["percentiles"]
+        assert level.ttftP95Ms == pytest.approx(ttft["p95"])
+        assert level.ttftP50Ms is not None and 0 < level.ttftP50Ms <= level.ttftP95Ms
+        assert level.itlP95Ms is not None and level.itlP95Ms > 0
+        assert level.outputTokensPerSecond is not None and level.outputTokensPerSecond > 0
+        assert level.latencyP95Ms is not None and level.latencyP95Ms > level.ttftP95Ms
+        assert level.level is not None
+
+
+def test_parse_tolerates_missing_parts() -> None:
+    assert staging.parse_guidellm({}) == []
+    (level,) = staging.parse_guidellm({"benchmarks": [{"metrics": {}}]})
+    assert level.requests == 0 and level.ttftP95Ms is None
+
+
+# ---- cost and gates
+
+
+def results(**values: Any) -> api.StagingResults:
+    return api.StagingResults(requests=10, **values)
+
+
+def test_cost_per_million_tokens() -> None:
+    spec = api.StagingSpec(replicas=2, gpus=2, costPerGpuHour=3.6)
+    # 4 GPUs at 3.6/h = 14.4/h; 1000 tok/s = 3.6M tok/h -> 4.0 per 1M tokens.
+    assert staging.cost_per_million(spec, results(outputTokensPerSecond=1000)) == pytest.approx(4)
+    assert staging.cost_per_million(api.StagingSpec(), results(outputTokensPerSecond=1)) is None
+
+
+def test_gates_pass_fail_and_unmeasured() -> None:
+    gates = api.StagingGatesSpec(p95TtftMs=100, minOutputTokensPerSecond=50, p95ItlMs=10)
+    out = staging.evaluate_gates(gates, results(ttftP95Ms=80, outputTokensPerSecond=40))
+    by = {g.metric: g for g in out}
+    assert by["staging.ttftP95Ms"].passed and by["staging.ttftP95Ms"].op == "<="
+    assert not by["staging.outputTokensPerSecond"].passed
+    assert not by["staging.itlP95Ms"].passed and by["staging.itlP95Ms"].actual is None
+    assert staging.evaluate_gates(api.StagingGatesSpec(), None) == []
+
+
+def test_worst_level_judges_a_sweep() -> None:
+    a = results(level="c1", ttftP95Ms=10, outputTokensPerSecond=100, costPer1MTokens=1)
+    b = results(level="c4", ttftP95Ms=40, outputTokensPerSecond=60, costPer1MTokens=2)
+    w = staging.worst([a, b])
+    assert w is not None
+    assert (w.ttftP95Ms, w.outputTokensPerSecond, w.costPer1MTokens, w.requests) == (40, 60, 2, 20)
+
+
+# ---- the state machine
+
+
+def seen(**values: Any) -> staging.Seen:
+    return staging.Seen(**values)
+
+
+def run_step(current: api.StagingStatus | None, observed: staging.Seen, **kw: Any) -> staging.Step:
+    return staging.step(
+        example(**kw).spec, current, observed, name="support-bot-staged", kind="Deployment", now=NOW
+    )
+
+
+def terminated(message: str, code: int = 0) -> dict[str, Any]:
+    state = {"terminated": {"exitCode": code, "message": message}}
+    return {
+        "metadata": {"labels": {"app.kubernetes.io/component": "staging-load"}},
+        "status": {"containerStatuses": [{"name": "load", "state": state}]},
+    }
+
+
+def job_with(condition: str) -> dict[str, Any]:
+    return {"status": {"conditions": [{"type": condition, "status": "True"}]}}
+
+
+def test_happy_path() -> None:
+    first = run_step(None, seen())
+    assert first.create_engine and first.status.phase == "Deploying"
+    waiting = run_step(first.status, seen(engine_exists=True))
+    assert not waiting.create_engine and waiting.status.phase == "Deploying"
+    ready = run_step(waiting.status, seen(engine_exists=True, ready_replicas=1))
+    assert ready.create_load and ready.status.phase == "LoadTesting"
+    running = run_step(ready.status, seen(load_job={"status": {}}))
+    assert running.status == ready.status and not running.tear_down
+    level = {"requests": 50, "ttftP95Ms": 120.0, "itlP95Ms": 20.0, "outputTokensPerSecond": 900.0}
+    done = run_step(
+        running.status,
+        seen(
+            load_job=job_with("Complete"), load_pods=(terminated(json.dumps({"levels": [level]})),)
+        ),
+    )
+    status = done.status
+    assert status.phase == "Succeeded" and done.tear_down and status.tornDown is True
+    assert status.results is not None and status.results.costPer1MTokens == pytest.approx(
+        2.5 / (900 * 3600) * 1e6
+    )
+    assert [g.passed for g in status.gates] == [True, True, True, True]
+    assert run_step(status, seen()).status == status  # terminal
+
+
+def test_keep_leaves_the_engine_running() -> None:
+    ready = api.StagingStatus(phase="LoadTesting", artifact="adapter", startTime="x")
+    level = {"requests": 1, "outputTokensPerSecond": 10.0}
+    done = run_step(
+        ready,
+        seen(
+            load_job=job_with("Complete"), load_pods=(terminated(json.dumps({"levels": [level]})),)
+        ),
+        keep=True,
+    )
+    assert done.status.phase == "Succeeded" and not done.tear_down and done.status.tornDown is False
+    assert not all(g.passed for g in done.status.gates)
+
+
+def test_engine_never_ready_fails_with_its_reason_after_the_timeout() -> None:
+    started = api.StagingStatus(
+        phase="Deploying",
+        artifact="adapter",
+        startTime=staging.rfc3339(NOW - timedelta(seconds=1000)),
+    )
+    spec = example(readyTimeoutSeconds=900).spec
+    assert staging.deploy_timed_out(spec, started, NOW)
+    pod = {
+        "metadata": {"name": "e-1"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "engine",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
+                    "lastState": {
+                        "terminated": {"exitCode": 1, "message": "ValueError: bad adapter"}
+                    },
+                }
+            ]
+        },
+    }
+    problem = staging.engine_problem([pod])
+    assert "CrashLoopBackOff" in problem and "ValueError: bad adapter" in problem
+    out = run_step(started, seen(engine_exists=True, engine_problem=problem))
+    assert out.status.phase == "Failed" and out.tear_down
+    assert out.status.message is not None
+    assert out.status.message.startswith("vllm not ready after 900s (0/1 replicas)")
+    assert "bad adapter" in out.status.message
+
+
+def test_load_job_failure_and_missing_artifact() -> None:
+    testing = api.StagingStatus(phase="LoadTesting", artifact="adapter")
+    failed = run_step(
+        testing,
+        seen(
+            load_job=job_with("Failed"),
+            load_pods=(terminated(json.dumps({"message": "guidellm exited with 2"}), 11),),
+        ),
+    )
+    assert failed.status.phase == "Failed"
+    assert failed.status.message == "load test failed: guidellm exited with 2"
+    gone = run_step(testing, seen(load_job=None))
+    assert gone.create_load and gone.status == testing
+    out = staging.step(
+        example().spec, None, seen(), name="n", kind="Deployment", now=NOW, problem="no adapter"
+    )
+    assert out.status.phase == "Failed" and not out.create_engine
+    assert out.status.message == "cannot stage: no adapter"
+
+
+# ---- conditions
+
+
+OK_GATE = api.GateResult(metric="delta.loss", op="<", value=0, actual=-1, passed=True)
+
+
+def succeeded_training(gate: api.GateResult = OK_GATE) -> api.FineTuneJobStatus:
+    """The status compute() gives when the trainer Job of the example completed."""
+    job = {
+        "metadata": {"name": "support-bot-staged-trainer"},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1},
+    }
+    return st.compute(
+        previous=api.FineTuneJobStatus(phase="Running"),
+        generation=1,
+        spec=example().spec,
+        job=job,
+        pods=[],
+        live=None,
+        now=NOW,
+        report={"gates": [gate.to_api()], "artifacts": ARTIFACTS.to_api()},
+    )
+
+
+def test_gates_passed_waits_for_staging_and_then_combines_both() -> None:
+    trained = succeeded_training()
+    assert trained.phase == "Succeeded"
+    gates = st.condition(trained, st.GATES_PASSED)
+    assert gates is not None and gates.status == "Unknown" and gates.reason == st.STAGING_PENDING
+    assert not staging.gates_passed(trained)
+    good = api.GateResult(metric="staging.ttftP95Ms", op="<=", value=1, actual=0.5, passed=True)
+    done = api.StagingStatus(phase="Succeeded", artifact="adapter", gates=[good], message="m")
+    new = st.with_staging(trained, done, generation=1, now=NOW)
+    assert staging.gates_passed(new)
+    assert st.condition(new, st.STAGED).status == "True"  # type: ignore[union-attr]
+    assert st.condition(new, st.GATES_PASSED).message == "2 gate(s) passed"  # type: ignore[union-attr]
+    bad = good.model_copy(update={"actual": 5.0, "passed": False})
+    failed = st.with_staging(
+        trained, done.model_copy(update={"gates": [bad]}), generation=1, now=NOW
+    )
+    assert not staging.gates_passed(failed)
+    assert st.condition(failed, st.GATES_PASSED).reason == st.GATE_FAILED  # type: ignore[union-attr]
+
+
+def test_staging_failure_keeps_training_results() -> None:
+    trained = succeeded_training()
+    broken = api.StagingStatus(phase="Failed", artifact="adapter", message="vllm not ready")
+    new = st.with_staging(trained, broken, generation=1, now=NOW)
+    assert new.phase == "Succeeded" and new.artifacts == ARTIFACTS
+    staged = st.condition(new, st.STAGED)
+    assert staged is not None and staged.status == "False" and staged.reason == st.STAGING_FAILED
+    gates = st.condition(new, st.GATES_PASSED)
+    assert gates is not None and gates.status == "False" and "vllm not ready" in gates.message
+
+
+def test_failed_evaluation_gates_stay_failed_whatever_staging_says() -> None:
+    bad = api.GateResult(metric="delta.loss", op="<", value=0, actual=1, passed=False)
+    trained = succeeded_training(bad)
+    done = api.StagingStatus(phase="Succeeded", artifact="adapter", message="m")
+    new = st.with_staging(trained, done, generation=1, now=NOW)
+    assert st.condition(new, st.GATES_PASSED).status == "False"  # type: ignore[union-attr]
+
+
+def test_table_lists_levels_and_gates() -> None:
+    level = results(level="poisson 2/s", ttftP95Ms=12.345, outputTokensPerSecond=99.0)
+    gate = api.GateResult(metric="staging.ttftP95Ms", op="<=", value=10, actual=12.3, passed=False)
+    text = staging.table([level], [gate])
+    assert "poisson 2/s" in text and "12.3" in text and "FAILED" in text

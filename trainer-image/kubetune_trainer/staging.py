@@ -1,0 +1,290 @@
+"""spec.staging, the parts that run in pods (and in `kubetune run`): fetch and load.
+
+    python -m kubetune_trainer.staging fetch --config C --to /models --source base=URI ...
+    python -m kubetune_trainer.staging load --config C --target URL --model tuned --tokenizer URI
+
+``fetch`` copies the engine's model folders from storage (the engine pod's init container).
+``load`` draws prompts from the test split, formatted exactly as the trainer formats them, each
+asking for as many tokens as that row's real completion has, runs guidellm with the spec's
+load profile against the engine and ends with ``{"levels": [...]}`` (kubetune.staging's
+results) in the termination message, as the trainer does with its own result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kubetune import api
+from kubetune import staging as st
+
+from .errors import InfraError, TrainerError, UserError
+
+GUIDELLM_ENV = "KUBETUNE_GUIDELLM"  # the guidellm executable (default: guidellm on PATH)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "config.json",
+    "generation_config.json",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+
+
+def test_prompts(
+    config: api.TrainerConfig, tokenizer_dir: Path, workdir: Path, base_dir: Path | None = None
+) -> list[dict[str, Any]]:
+    """The test split's prompts as the trainer lays them out, with their real lengths:
+    [{prompt, prompt_tokens_count, output_tokens_count}], at most load.maxPrompts rows."""
+    from .__main__ import Options, load_data
+    from .data import encode, prompt_ids, special_prefix
+    from .model import load_tokenizer
+
+    spec = config.spec
+    assert spec.staging is not None
+    load = spec.staging.load
+    data = load_data(config, Options(base_dir=base_dir), workdir)
+    rows = data.splits.test or data.splits.validation
+    if not rows:
+        raise UserError(
+            "spec.staging.load: the test split is empty, so there are no prompts to send; "
+            "raise spec.dataset.split.test"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir, spec.model)
+    prefix = len(special_prefix(tokenizer))
+    max_len = spec.dataset.maxSeqLength
+    prompts = []
+    for example in sorted(rows, key=lambda e: e.id)[: load.maxPrompts]:
+        ids = prompt_ids(example, tokenizer, max_len)
+        full = encode(example, tokenizer, max_len)
+        answer = max(1, len(full.input_ids) - full.prompt_len)
+        # The engine adds the tokenizer's own prefix (BOS) again: send the text after it.
+        text = tokenizer.decode(ids[prefix:], skip_special_tokens=False)
+        prompts.append(
+            {
+                "prompt": text,
+                "prompt_tokens_count": len(ids),
+                "output_tokens_count": min(answer, load.maxOutputTokens),
+            }
+        )
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------
+# guidellm
+
+
+def guidellm_args(
+    load: api.LoadProfileSpec,
+    *,
+    executable: str,
+    target: str,
+    model: str,
+    data: Path,
+    processor: Path,
+    output: Path,
+) -> list[str]:
+    """The guidellm command for a load profile (one benchmark, or one per concurrency level)."""
+    if load.type == "concurrency":
+        rate_type, rate = "concurrent", ",".join(str(c) for c in load.concurrency or [])
+    else:
+        rate_type, rate = load.type, f"{load.rate:g}"
+    return [
+        executable,
+        "benchmark",
+        "--target",
+        target,
+        "--model",
+        model,
+        "--processor",
+        str(processor),
+        "--data",
+        str(data),
+        "--rate-type",
+        rate_type,
+        "--rate",
+        rate,
+        "--max-seconds",
+        str(load.durationSeconds),
+        "--output-path",
+        str(output),
+    ]
+
+
+def guidellm_executable() -> str:
+    given = os.environ.get(GUIDELLM_ENV, "").strip()
+    found = given or shutil.which("guidellm")
+    if not found or not Path(found).exists():
+        raise InfraError(
+            f"guidellm not found ({GUIDELLM_ENV}={given!r}, not on PATH): the load generator "
+            "is needed for spec.staging; scripts/install-vllm.sh installs it"
+        )
+    return found
+
+
+def run_guidellm(args: list[str], log_path: Path, timeout: float) -> None:
+    with log_path.open("wb") as out:
+        try:
+            done = subprocess.run(
+                args, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise InfraError(f"guidellm did not finish within {timeout:.0f}s") from exc
+    if done.returncode != 0:
+        tail = log_path.read_bytes()[-1500:].decode(errors="replace")
+        raise InfraError(f"guidellm exited with {done.returncode}: {tail}")
+
+
+def wait_ready(target: str, timeout: float, *, alive: Any = None) -> None:
+    """Poll the engine's /health until it answers 200; InfraError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{target}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if alive is not None and not alive():
+            raise InfraError("the engine exited before it was ready")
+        if time.monotonic() > deadline:
+            raise InfraError(f"the engine at {target} was not ready after {timeout:.0f}s")
+        time.sleep(1)
+
+
+def load_test(
+    config: api.TrainerConfig,
+    *,
+    target: str,
+    model: str,
+    tokenizer_dir: Path,
+    workdir: Path,
+    base_dir: Path | None = None,
+    report_copy: Path | None = None,
+) -> list[api.StagingResults]:
+    """Prompts from the test split -> guidellm -> results (cost included)."""
+    spec = config.spec
+    assert spec.staging is not None
+    load = spec.staging.load
+    prompts = test_prompts(config, tokenizer_dir, workdir, base_dir)
+    data = workdir / "prompts.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    output = workdir / "guidellm.json"
+    args = guidellm_args(
+        load,
+        executable=guidellm_executable(),
+        target=target,
+        model=model,
+        data=data,
+        processor=tokenizer_dir,
+        output=output,
+    )
+    run_guidellm(args, workdir / "guidellm.log", st.load_seconds(load) + st.LOAD_SLACK_SECONDS)
+    try:
+        report = json.loads(output.read_text())
+    except (OSError, ValueError) as exc:
+        raise InfraError(f"guidellm wrote no readable report: {exc}") from exc
+    if report_copy is not None:
+        report_copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(output, report_copy)
+    levels = st.parse_guidellm(report)
+    if not levels:
+        raise InfraError("guidellm's report has no benchmarks")
+    return st.with_cost(spec.staging, levels)
+
+
+# --------------------------------------------------------------------------------------------
+# the pod entry point
+
+
+def _fetch(config: api.TrainerConfig, dest: Path, sources: list[str]) -> None:
+    from .storage import fetch
+
+    for item in sources:
+        folder, _, uri = item.partition("=")
+        target = dest / folder
+        target.mkdir(parents=True, exist_ok=True)
+        path = fetch(uri, config.spec.storage.s3, target, field=f"staging source {folder}")
+        if path != target:  # a local source: copy it in, the engine reads dest only
+            shutil.copytree(path, target, dirs_exist_ok=True)
+        print(f"fetched {folder} ({uri})", flush=True)
+
+
+def _tokenizer(config: api.TrainerConfig, uri: str, workdir: Path) -> Path:
+    from .storage import fetch
+
+    return fetch(uri, config.spec.storage.s3, workdir / "tokenizer", field="tokenizer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .__main__ import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer.staging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch")
+    fetch.add_argument("--config", type=Path, required=True)
+    fetch.add_argument("--to", type=Path, required=True)
+    fetch.add_argument("--source", action="append", default=[], help="FOLDER=URI")
+    load = sub.add_parser("load")
+    load.add_argument("--config", type=Path, required=True)
+    load.add_argument("--target", required=True)
+    load.add_argument("--model", required=True)
+    load.add_argument("--tokenizer", help="tokenizer URI (default: spec.model.source)")
+    args = parser.parse_args(argv)
+    termination = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", api.TERMINATION_LOG))
+    try:
+        config = load_config(args.config)
+        if args.command == "fetch":
+            _fetch(config, args.to, args.source)
+            return 0
+        if config.spec.staging is None:
+            raise UserError("spec.staging: not set")
+        with tempfile.TemporaryDirectory(prefix="kubetune-load-") as tmp:
+            workdir = Path(tmp)
+            tokenizer = _tokenizer(config, args.tokenizer or config.spec.model.source, workdir)
+            wait_ready(args.target, config.spec.staging.readyTimeoutSeconds)
+            levels = load_test(
+                config,
+                target=args.target,
+                model=args.model,
+                tokenizer_dir=tokenizer,
+                workdir=workdir,
+            )
+        result = {"levels": [level.to_api() for level in levels]}
+        text = json.dumps(result, separators=(",", ":"))
+        print(text, flush=True)
+        _write(termination, text)
+        return 0
+    except TrainerError as error:
+        message = str(error)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        _write(termination, json.dumps({"message": message[:3000]}))
+        return error.exit_code
+
+
+def _write(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):  # no termination log outside a pod
+        path.write_text(text[:4096])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
