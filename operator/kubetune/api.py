@@ -991,6 +991,8 @@ def staging_artifact_problem(spec: FineTuneJobSpec) -> str | None:
     if artifact == "adapter":
         if spec.method.type == "full":
             return "method full trains no adapter: serve merged (the tuned model)"
+        if spec.method.lora is not None and spec.method.lora.r > 512:
+            return f"vLLM serves LoRA ranks up to 512, not {spec.method.lora.r}: serve merged"
         return None
     if artifact == "merged":
         if spec.method.type != "full" and not spec.output.mergeAdapter:

@@ -117,14 +117,26 @@ def artifact_source(
     return Served(f"{MODELS_DIR}/{artifact}", {artifact: export.uri}, False), None
 
 
-def engine_args(staging: api.StagingSpec, served: Served) -> list[str]:
-    """vLLM's command line: the tuned model under SERVED_MODEL, on the pod's own address."""
-    args = ["vllm", "serve", served.model, "--host", "$(POD_IP)", "--port", str(ENGINE_PORT)]
+def engine_args(
+    staging: api.StagingSpec,
+    served: Served,
+    *,
+    lora_rank: int | None = None,
+    model: str | None = None,
+    adapter: str | None = None,
+    host: str = "$(POD_IP)",
+    port: int = ENGINE_PORT,
+) -> list[str]:
+    """vLLM's command line: the tuned model under SERVED_MODEL, on the pod's own address
+    (``model``/``adapter``/``host``/``port`` differ for `kubetune run`)."""
+    args = ["vllm", "serve", model or served.model, "--host", host, "--port", str(port)]
     if served.lora:
         # The base under its own name, the adapter as the LoRA module SERVED_MODEL: one engine
         # answers both, so tuned and base can be compared under the same load.
         args += ["--served-model-name", BASE_MODEL, "--enable-lora"]
-        args += ["--lora-modules", f"{SERVED_MODEL}={MODELS_DIR}/adapter"]
+        args += ["--lora-modules", f"{SERVED_MODEL}={adapter or MODELS_DIR + '/adapter'}"]
+        if lora_rank:
+            args += ["--max-lora-rank", str(lora_rank)]
     else:
         args += ["--served-model-name", SERVED_MODEL]
     if staging.gpus > 1:
@@ -132,6 +144,18 @@ def engine_args(staging: api.StagingSpec, served: Served) -> list[str]:
     if staging.maxModelLen:
         args += ["--max-model-len", str(staging.maxModelLen)]
     return args
+
+
+# vLLM's --max-lora-rank takes one of these (its MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(spec: api.FineTuneJobSpec) -> int | None:
+    """The --max-lora-rank that fits the adapter: the smallest of vLLM's that holds r."""
+    if spec.method.lora is None:
+        return None
+    r = spec.method.lora.r
+    return next((rank for rank in VLLM_LORA_RANKS if rank >= r), r)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +256,7 @@ def engine_pod(
         "name": ENGINE_CONTAINER,
         "image": engine_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": engine_args(spec.staging, served),
+        "command": engine_args(spec.staging, served, lora_rank=lora_rank(spec)),
         "env": [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             *copy.deepcopy(_CACHE_ENV),

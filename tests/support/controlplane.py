@@ -1,9 +1,10 @@
 """A real Kubernetes control plane on loopback, for tests and for trying kubetune by hand.
 
 etcd, kube-apiserver (secure port, RBAC + Node authorization, real ServiceAccount tokens),
-kube-controller-manager (job, garbage collector, ttl-after-finished, namespace, serviceaccount
-and token controllers) and the process kubelet (tests/support/kubelet.py), optionally Kueue;
-binaries from scripts/build-cluster.sh. Everything lives in one directory:
+kube-controller-manager (job, deployment, replicaset, garbage collector, ttl-after-finished,
+namespace, serviceaccount and token controllers) and the process kubelet
+(tests/support/kubelet.py), optionally Kueue; binaries from scripts/build-cluster.sh.
+Everything lives in one directory:
 
     DIR/kubeconfig        admin (client certificate in system:masters)
     DIR/pki/              CA, serving, client certificates, the ServiceAccount signing key
@@ -45,6 +46,8 @@ SERVICE_CIDR = "10.0.0.0/24"
 # KCM controllers (their kube-controller-manager names).
 CONTROLLERS = [
     "job-controller",
+    "deployment-controller",  # spec.staging's engine
+    "replicaset-controller",
     "garbage-collector-controller",
     "ttl-after-finished-controller",
     "namespace-controller",

@@ -19,6 +19,12 @@ collector removes them, the API server evicts them. This process plays only the 
   there, so pods do not collide on the port); the DNS name of a pod behind a headless Service
   (``<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]``) in the command or env is rewritten to
   that pod's address, as cluster DNS would resolve it;
+- init containers run first, one after the other, to completion (a failed one leaves the pod
+  Pending with its terminated status, as Init:Error); ``vllm`` is the vLLM venv's
+  (.tools/vllm, scripts/install-vllm.sh) and that venv's bin is on the pods' PATH (this node's
+  "image" has guidellm); an httpGet readinessProbe keeps the pod not Ready until it answers 200;
+  a Service name ``<svc>.<ns>.svc[.cluster.local][:port]`` resolves to a Ready pod it selects
+  (its targetPort), as cluster DNS and kube-proxy would;
 - reports pods/status: phase, conditions, containerStatuses with
   ``terminated.exitCode/reason/message`` (the termination message file, or the log tail when it
   is empty and the policy is FallbackToLogsOnError);
@@ -46,6 +52,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +62,9 @@ from typing import Any
 from tests.support.kube import ApiStatus, Kube
 
 TERMINATION_TAIL = 2048
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_BIN = ROOT / ".tools" / "vllm" / "bin"
+INIT_TIMEOUT = 600
 CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "250", "nvidia.com/gpu": "8"}
 
 
@@ -104,6 +115,7 @@ class Run:
     policy: str
     kill_at: float | None = None  # SIGKILL deadline once deletion began
     reported: bool = False
+    probe: tuple[int, str] | None = None  # readinessProbe httpGet (port, path) until it passes
 
 
 class Kubelet:
@@ -122,6 +134,7 @@ class Kubelet:
         self.runs: dict[str, Run] = {}  # pod uid -> run
         self.ips: dict[str, str] = {}  # pod uid -> loopback address
         self.waiting: dict[str, str] = {}  # pod uid -> reason last reported
+        self.init_failed: set[str] = set()  # pod uids whose init container failed
         self.stopping = threading.Event()
 
     # ---- node
@@ -206,9 +219,11 @@ class Kubelet:
             if run is None:
                 if deleting:
                     self._remove(pod)
-                elif phase not in ("Succeeded", "Failed"):
+                elif phase not in ("Succeeded", "Failed") and uid not in self.init_failed:
                     self._start(pod)
                 continue
+            if run.probe is not None and run.process.poll() is None and not deleting:
+                self._probe(pod, run)
             if deleting and run.process.poll() is None:
                 if run.kill_at is None:
                     grace = pod["metadata"].get("deletionGracePeriodSeconds", 30)
@@ -251,6 +266,8 @@ class Kubelet:
         root.mkdir(parents=True, exist_ok=True)
         container = spec["containers"][0]
         try:
+            if not self._init(pod, root):
+                return
             argv, env = self._container(pod, container, root)
         except CannotStart as error:
             if self.waiting.get(uid) != str(error):
@@ -299,6 +316,10 @@ class Kubelet:
         )
         self.runs[uid] = run
         ip = self.ip(uid)
+        probe = (container.get("readinessProbe") or {}).get("httpGet")
+        if probe:
+            run.probe = (_port(container, probe.get("port")), probe.get("path", "/"))
+        ready = "False" if probe else "True"
         self._status(
             pod,
             {
@@ -311,12 +332,73 @@ class Kubelet:
                 "conditions": [
                     _cond("PodReadyToStartContainers"),
                     _cond("Initialized"),
-                    _cond("Ready"),
-                    _cond("ContainersReady"),
+                    _cond("Ready", ready),
+                    _cond("ContainersReady", ready),
                     _cond("PodScheduled"),
                 ],
                 "containerStatuses": [
-                    _container_status(container, {"running": {"startedAt": started}}, ready=True)
+                    _container_status(
+                        container, {"running": {"startedAt": started}}, ready=not probe
+                    )
+                ],
+            },
+        )
+
+    def _init(self, pod: dict[str, Any], root: Path) -> bool:
+        """Run the init containers in order; False (status reported) when one fails."""
+        for init in pod["spec"].get("initContainers") or []:
+            argv, env = self._container(pod, init, root)
+            log = root / f"init-{init['name']}.log"
+            with log.open("ab") as out:
+                try:
+                    code = subprocess.run(
+                        argv,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        cwd=root,
+                        timeout=INIT_TIMEOUT,
+                        check=False,
+                    ).returncode
+                except subprocess.TimeoutExpired:
+                    code = 137
+            if code == 0:
+                continue
+            self.init_failed.add(pod["metadata"]["uid"])
+            tail = log.read_bytes()[-TERMINATION_TAIL:].decode(errors="replace")
+            terminated = {"exitCode": code, "reason": "Error", "message": tail, "finishedAt": now()}
+            self._status(
+                pod,
+                {
+                    "phase": "Pending",
+                    "conditions": [_cond("Initialized", "False", "ContainersNotInitialized")],
+                    "initContainerStatuses": [_container_status(init, {"terminated": terminated})],
+                },
+            )
+            return False
+        return True
+
+    def _probe(self, pod: dict[str, Any], run: Run) -> None:
+        assert run.probe is not None
+        port, path = run.probe
+        url = f"http://{self.ip(run.uid)}:{port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as response:
+                if response.status != 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            return
+        run.probe = None
+        container = pod["spec"]["containers"][0]
+        self._status(
+            pod,
+            {
+                "conditions": [_cond("Ready"), _cond("ContainersReady")],
+                "containerStatuses": [
+                    _container_status(
+                        container, {"running": {"startedAt": run.started}}, ready=True
+                    )
                 ],
             },
         )
@@ -343,6 +425,7 @@ class Kubelet:
             mounts[mount["mountPath"]] = str(local)
 
         peers: list[dict[str, Any]] = []  # this namespace's pods, for their DNS names
+        services: list[dict[str, Any]] = []  # and its Services
 
         def rewrite(value: str) -> str:
             for inside, outside in sorted(mounts.items(), key=lambda m: -len(m[0])):
@@ -351,9 +434,15 @@ class Kubelet:
                 value = value.replace("=" + inside + "/", "=" + outside + "/")
             if "." in value and not peers:
                 peers.extend(self.scheduler.list("v1", "pods", ns))  # the node may not
-            return self._resolve(ns, value, peers)
+                services.extend(self.scheduler.list("v1", "services", ns))
+            return self._resolve(ns, value, peers, services)
 
-        env: dict[str, str] = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"}
+        path = os.environ.get("PATH", "")
+        if VLLM_BIN.is_dir():
+            path += os.pathsep + str(VLLM_BIN)
+        env: dict[str, str] = {"PATH": path, "LANG": "C.UTF-8"}
+        # This node's setting for vLLM's CPU KV cache (GiB): a test needs little.
+        env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1")
         if os.environ.get("PYTHONPATH"):  # this machine's "image": the source tree
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         fields = {
@@ -408,6 +497,9 @@ class Kubelet:
             argv[0] = sys.executable
         elif argv and argv[0] == "torchrun":
             argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+        elif argv and argv[0] == "vllm":
+            argv[0] = str(VLLM_BIN / "vllm")
+            env.pop("PYTHONPATH", None)  # vLLM's own venv, not this source tree
         (root / "command").write_text(shlex.join(argv) + "\n")
         return argv, env
 
@@ -420,8 +512,17 @@ class Kubelet:
             raise CannotStart(f"{plural[:-1]} {ns}/{name} not found")
         return dict(obj)
 
-    def _resolve(self, ns: str, value: str, peers: list[dict[str, Any]]) -> str:
-        """Pod DNS names behind headless Services -> those pods' loopback addresses."""
+    def _resolve(
+        self,
+        ns: str,
+        value: str,
+        peers: list[dict[str, Any]],
+        services: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Pod DNS names behind headless Services -> those pods' loopback addresses; a
+        Service's name (and port) -> a Ready pod it selects (and that pod's targetPort)."""
+        for service in services or []:
+            value = self._resolve_service(ns, value, service, peers)
         for pod in peers:
             host, sub = pod["spec"].get("hostname"), pod["spec"].get("subdomain")
             if not host or not sub:
@@ -430,6 +531,41 @@ class Kubelet:
             pattern = rf"\b{name}(\.{domain}(\.svc(\.cluster\.local)?)?)?\b"
             value = re.sub(pattern, self.ip(pod["metadata"]["uid"]), value)
         return value
+
+    def _resolve_service(
+        self, ns: str, value: str, service: dict[str, Any], peers: list[dict[str, Any]]
+    ) -> str:
+        selector = (service.get("spec") or {}).get("selector") or {}
+        if not selector:
+            return value
+        name = re.escape(service["metadata"]["name"])
+        pattern = rf"\b{name}\.{re.escape(ns)}(\.svc(\.cluster\.local)?)?(:(\d+))?\b"
+        if not re.search(pattern, value):
+            return value
+        ready = [
+            p
+            for p in peers
+            if selector.items() <= (p["metadata"].get("labels") or {}).items()
+            and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
+        ]
+        if not ready:
+            return value  # as cluster DNS would: a name with no endpoints does not connect
+        pod = ready[0]
+        container = pod["spec"]["containers"][0]
+
+        def target(match: re.Match[str]) -> str:
+            address = self.ip(pod["metadata"]["uid"])
+            if not match.group(4):
+                return address
+            for port in service["spec"].get("ports") or []:
+                if str(port.get("port")) == match.group(4):
+                    return f"{address}:{_port(container, port.get('targetPort', port['port']))}"
+            return f"{address}:{match.group(4)}"
+
+        return re.sub(pattern, target, value)
 
     # ---- finishing
 
@@ -492,6 +628,16 @@ def _expand(value: str, env: dict[str, str]) -> str:
         return env.get(match.group(1), match.group(0))
 
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", sub, value)
+
+
+def _port(container: dict[str, Any], port: Any) -> int:
+    """A numeric port, or a container port's name."""
+    if isinstance(port, int) or str(port).isdigit():
+        return int(port)
+    for item in container.get("ports") or []:
+        if item.get("name") == port:
+            return int(item["containerPort"])
+    raise CannotStart(f"no container port named {port!r}")
 
 
 def _cond(type_: str, status: str = "True", reason: str | None = None) -> dict[str, Any]:

@@ -173,6 +173,14 @@ def run_manifest(
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    if config.spec.staging is not None:
+        from .staging import vllm_venv
+
+        try:
+            vllm_venv()  # before training: a missing engine must fail in seconds, not after
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
     bar = Bar(sys.stderr)
     options = Options(
         base_dir=Path(path).resolve().parent,
@@ -198,4 +206,42 @@ def run_manifest(
     code = run_and_report(job, options)
     if results:
         print(summary(results[0]), file=out, flush=True)
+    if code == api.EXIT_OK and results and config.spec.staging is not None:
+        return stage(config, results[0], options, out)
     return code
+
+
+def stage(config: api.TrainerConfig, result: Result, options: Options, out: TextIO) -> int:
+    """spec.staging on this machine: vLLM (CPU) + guidellm, then the staging table. A staging
+    failure is one error line and exit 11; the trained artifacts stay where they are."""
+    from kubetune import staging as st
+
+    from .errors import TrainerError
+    from .staging import run_local
+
+    artifacts = result.status.artifacts or api.Artifacts()
+    try:
+        staged = run_local(config, artifacts, base_dir=options.base_dir, log=options.log)
+    except TrainerError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print("training succeeded; its artifacts are listed above", file=sys.stderr, flush=True)
+        return exc.exit_code
+    print("", file=out)
+    print(
+        f"staging: {config.spec.staging.artifact if config.spec.staging else ''} on vLLM "
+        f"(CPU), load {_profile(config)}",
+        file=out,
+    )
+    print(st.table(staged.levels, staged.gates), file=out, flush=True)
+    return api.EXIT_OK
+
+
+def _profile(config: api.TrainerConfig) -> str:
+    assert config.spec.staging is not None
+    load = config.spec.staging.load
+    what = (
+        f"concurrency {','.join(map(str, load.concurrency or []))}"
+        if load.type == "concurrency"
+        else f"{load.type} {load.rate:g} req/s"
+    )
+    return f"{what}, {load.durationSeconds}s per level, prompts from the test split"

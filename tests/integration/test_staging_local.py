@@ -1,0 +1,81 @@
+"""`kubetune run` with spec.staging: a short real training run of the demo model, then a real
+vLLM CPU server (from .tools/vllm, scripts/install-vllm.sh) serving the adapter on the base,
+real guidellm with a 10 s Poisson load of test-split prompts, and the staging table with its
+gates. Also: without the vLLM venv the command fails in seconds, before training, naming the
+install script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM = ROOT / ".tools" / "vllm"
+
+
+def manifest(tmp_path: Path, **staging: Any) -> Path:
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    spec = doc["spec"]
+    spec["model"]["source"] = str(ROOT / "examples" / "demo-model")
+    spec["dataset"]["source"] = str(ROOT / "examples" / "data" / "quickstart.jsonl")
+    spec["output"] = {"destination": str(tmp_path / "out")}
+    spec["evaluation"] = {"maxSamples": 4, "maxNewTokens": 2, "metrics": ["loss"]}
+    spec["staging"] = {
+        "gpus": 0,
+        "load": {"type": "poisson", "rate": 2, "durationSeconds": 10, "maxPrompts": 16},
+        "costPerGpuHour": 0.1,
+        "gates": {"p95TtftMs": 120000, "minOutputTokensPerSecond": 0.01},
+        **staging,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(
+    path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(path), "--max-steps", "4", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_without_vllm_it_fails_before_training_naming_the_install_script(tmp_path: Path) -> None:
+    done = run(manifest(tmp_path), env={"KUBETUNE_VLLM": str(tmp_path / "none")})
+    assert done.returncode == 10, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: spec.staging: no vLLM at ") and "install-vllm.sh" in line
+    assert not (tmp_path / "out").exists()  # nothing trained
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kubetune_run_stages_the_adapter_on_vllm_with_guidellm(tmp_path: Path) -> None:
+    if not (VLLM / "bin" / "vllm").exists():
+        pytest.fail(f"error: {VLLM}/bin/vllm not found: run scripts/install-vllm.sh", False)
+    done = run(manifest(tmp_path), env={"KUBETUNE_VLLM": str(VLLM)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "staging: adapter on vLLM (CPU), load poisson 2 req/s, 10s per level" in out
+    lines = out.split("staging: adapter", 1)[1].splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("load"))
+    row = lines[header + 1].split()
+    assert row[:2] == ["poisson", "2/s"], lines
+    requests, errors = int(row[2]), int(row[3])
+    assert requests > 0 and errors == 0
+    ttft50, ttft95, tok_s, cost = float(row[4]), float(row[5]), float(row[8]), float(row[9])
+    assert 0 < ttft50 <= ttft95 and tok_s > 0 and cost > 0
+    assert "gate staging.ttftP95Ms <= 1.2e+05: passed" in out
+    assert "gate staging.outputTokensPerSecond >= 0.01: passed" in out
