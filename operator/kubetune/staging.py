@@ -440,22 +440,23 @@ def _count(totals: Any, key: str) -> int:
 
 
 def _level(benchmark: Mapping[str, Any]) -> str | None:
-    strategy = (benchmark.get("scheduler") or {}).get("strategy") or {}
+    config = benchmark.get("config") or {}
+    strategy = config.get("strategy") if isinstance(config, Mapping) else None
     if not isinstance(strategy, Mapping):
         return None
     kind = strategy.get("type_")
     if kind == "concurrent":
         return f"concurrency {strategy.get('streams')}"
-    if kind in ("constant", "poisson"):
-        return f"{kind} {strategy.get('rate'):g}/s"
+    if kind in ("constant", "poisson") and isinstance(strategy.get("rate"), int | float):
+        return f"{kind} {strategy['rate']:g}/s"
     return str(kind) if kind else None
 
 
 def parse_guidellm(report: Mapping[str, Any]) -> list[api.StagingResults]:
     """guidellm's JSON report (``--output-path x.json``) -> one result per benchmark.
 
-    guidellm reports latencies in ms (TTFT, ITL, request latency in s); totals count
-    successful, errored and incomplete requests."""
+    guidellm reports TTFT and ITL in ms, request latency in s; its totals count successful,
+    errored and incomplete requests (cut off when the benchmark's time was up: not errors)."""
     out = []
     for benchmark in report.get("benchmarks") or []:
         if not isinstance(benchmark, Mapping):
@@ -472,7 +473,7 @@ def parse_guidellm(report: Mapping[str, Any]) -> list[api.StagingResults]:
             api.StagingResults(
                 level=_level(benchmark),
                 requests=_count(totals, "successful"),
-                errors=_count(totals, "errored") + _count(totals, "incomplete"),
+                errors=_count(totals, "errored"),
                 durationSeconds=duration,
                 requestsPerSecond=_stat(metrics, "requests_per_second", "mean"),
                 ttftP50Ms=_stat(metrics, "time_to_first_token_ms", "p50"),

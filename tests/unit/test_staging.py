@@ -487,3 +487,64 @@ def test_table_lists_levels_and_gates() -> None:
     gate = api.GateResult(metric="staging.ttftP95Ms", op="<=", value=10, actual=12.3, passed=False)
     text = staging.table([level], [gate])
     assert "poisson 2/s" in text and "12.3" in text and "FAILED" in text
+
+
+# ---- the load generator's side (kubetune_trainer.staging, pure parts)
+
+
+def test_guidellm_scenario_follows_the_profile(tmp_path: Path) -> None:
+    from kubetune_trainer import staging as runner
+
+    common = {"target": "http://e:8000", "model": "tuned", "data": tmp_path / "p.jsonl"}
+    common.update(tokenizer=tmp_path / "tok", output=tmp_path / "out.json")
+    poisson = runner.guidellm_scenario(api.LoadProfileSpec(rate=2.5, durationSeconds=30), **common)
+    spec = poisson["spec"]
+    assert spec["profile"] == {"kind": "poisson", "rate": [2.5]}
+    assert spec["constraints"] == [{"kind": "max_duration", "seconds": 30}]
+    assert spec["backend"]["request_format"] == "/v1/completions"  # prompts are preformatted
+    assert spec["backend"]["model"] == "tuned" and spec["backend"]["target"] == "http://e:8000"
+    sweep = api.LoadProfileSpec(type="concurrency", concurrency=[1, 8])
+    assert runner.guidellm_scenario(sweep, **common)["spec"]["profile"] == {
+        "kind": "concurrent",
+        "streams": [1, 8],
+    }
+
+
+def test_prompts_are_repeated_to_last_the_benchmark() -> None:
+    from kubetune_trainer import staging as runner
+
+    prompts = [{"prompt": str(i)} for i in range(3)]
+    out = runner.repeated(prompts, api.LoadProfileSpec(rate=2, durationSeconds=10))
+    assert len(out) == 41 and out[:3] == prompts and out[3] == prompts[0]
+    many = [{"prompt": str(i)} for i in range(100)]
+    assert len(runner.repeated(many, api.LoadProfileSpec(rate=1, durationSeconds=5))) == 100
+
+
+def test_local_engine_uses_local_paths_on_loopback(tmp_path: Path) -> None:
+    from kubetune_trainer import staging as runner
+
+    spec = example().spec
+    artifacts = api.Artifacts(adapter=f"file://{tmp_path}/adapter")
+    fetched: list[tuple[str, str]] = []
+
+    def resolve(folder: str, uri: str) -> Path:
+        fetched.append((folder, uri))
+        return tmp_path / folder
+
+    args = runner.local_engine_args(spec, artifacts, 1234, resolve=resolve)
+    assert sorted(fetched) == [
+        ("adapter", f"file://{tmp_path}/adapter"),
+        ("base", "s3://models/llama-3.1-8b-instruct"),
+    ]
+    assert args[0] == str(tmp_path / "base")
+    assert args[args.index("--host") + 1] == "127.0.0.1" and "1234" in args
+    assert args[args.index("--lora-modules") + 1] == f"tuned={tmp_path}/adapter"
+    assert args[args.index("--max-lora-rank") + 1] == "16"
+    command = runner.engine_command(tmp_path / "venv", args)
+    assert command[:5] == [
+        str(tmp_path / "venv" / "bin" / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        args[0],
+    ]

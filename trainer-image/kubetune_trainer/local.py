@@ -221,7 +221,13 @@ def stage(config: api.TrainerConfig, result: Result, options: Options, out: Text
 
     artifacts = result.status.artifacts or api.Artifacts()
     try:
-        staged = run_local(config, artifacts, base_dir=options.base_dir, log=options.log)
+        staged = run_local(
+            config,
+            artifacts,
+            quantized=list(result.status.quantized),
+            base_dir=options.base_dir,
+            log=options.log,
+        )
     except TrainerError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         print("training succeeded; its artifacts are listed above", file=sys.stderr, flush=True)

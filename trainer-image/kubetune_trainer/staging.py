@@ -89,6 +89,16 @@ def test_prompts(
     return prompts
 
 
+def repeated(prompts: list[dict[str, Any]], load: api.LoadProfileSpec) -> list[dict[str, Any]]:
+    """The prompts, repeated so that a benchmark does not run out of them before its duration
+    (guidellm ends a benchmark when its data is used up): twice what the profile can ask for
+    at one request per second per stream."""
+    per_second = load.rate if load.type != "concurrency" else max(load.concurrency or [1])
+    needed = min(100_000, int((per_second or 1) * load.durationSeconds * 2) + 1)
+    rounds = max(1, -(-needed // len(prompts)))
+    return (prompts * rounds)[: max(needed, len(prompts))]
+
+
 # --------------------------------------------------------------------------------------------
 # guidellm
 
@@ -183,7 +193,7 @@ def load_test(
     load = spec.staging.load
     prompts = test_prompts(config, tokenizer_dir, workdir, base_dir)
     data = workdir / "prompts.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    data.write_text("".join(json.dumps(p) + "\n" for p in repeated(prompts, load)))
     output = workdir / "guidellm.json"
     scenario = workdir / "scenario.json"
     scenario.write_text(
@@ -228,20 +238,19 @@ def vllm_venv() -> Path:
     return venv
 
 
-def _local_path(uri: str, base_dir: Path | None) -> Path:
-    from .storage import local_path
-
-    return local_path(uri, base_dir)
-
-
 def local_engine_args(
-    spec: api.FineTuneJobSpec, artifacts: api.Artifacts, base_dir: Path | None, port: int
+    spec: api.FineTuneJobSpec,
+    artifacts: api.Artifacts,
+    port: int,
+    *,
+    resolve: Any,
+    quantized: list[api.QuantizedExport] | None = None,
 ) -> list[str]:
-    """`vllm serve` for the local run: the same artifact choice as the cluster's engine, from
-    local paths, on 127.0.0.1."""
+    """`vllm serve` for the local run: the same artifact choice as the cluster's engine, with
+    each source made local by ``resolve(folder, uri) -> Path``, on 127.0.0.1."""
     staging = spec.staging
     assert staging is not None
-    served, problem = st.artifact_source(spec, artifacts)
+    served, problem = st.artifact_source(spec, artifacts, quantized or [])
     if served is None:
         raise UserError(f"spec.staging.artifact: {problem}")
     if api.is_gguf_source(spec.model.source) and served.lora:
@@ -249,7 +258,7 @@ def local_engine_args(
             "spec.staging.artifact: vLLM serves an adapter only on a safetensors base; with a "
             "GGUF spec.model.source use artifact merged (and spec.output.mergeAdapter: true)"
         )
-    local = {k: str(_local_path(v, base_dir)) for k, v in served.sources.items()}
+    local = {k: str(resolve(k, v)) for k, v in served.sources.items()}
     model = local["base"] if served.lora else next(iter(local.values()))
     return st.engine_args(
         staging,
@@ -283,6 +292,7 @@ def run_local(
     config: api.TrainerConfig,
     artifacts: api.Artifacts,
     *,
+    quantized: list[api.QuantizedExport] | None = None,
     base_dir: Path | None,
     log: Any = print,
 ) -> api.StagingStatus:
@@ -295,7 +305,6 @@ def run_local(
     assert staging is not None
     venv = vllm_venv()
     port = _free_port()
-    args = engine_command(venv, local_engine_args(spec, artifacts, base_dir, port))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: enough for staging on a laptop
     env.update(HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
@@ -304,6 +313,17 @@ def run_local(
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="kubetune-staging-") as tmp:
         workdir = Path(tmp)
+
+        def resolve(folder: str, uri: str) -> Path:
+            from .storage import fetch
+
+            dest = workdir / "models" / folder
+            dest.mkdir(parents=True, exist_ok=True)
+            field = f"spec.staging ({folder})"
+            return fetch(uri, spec.storage.s3, dest, base_dir=base_dir, field=field)
+
+        serve = local_engine_args(spec, artifacts, port, resolve=resolve, quantized=quantized)
+        args = engine_command(venv, serve)
         engine_log = workdir / "engine.log"
         log(f"[staging] {' '.join(args)}")
         with engine_log.open("wb") as out:
@@ -320,7 +340,7 @@ def run_local(
             ready = time.time()
             seconds = st.load_seconds(staging.load)
             log(f"[staging] vllm ready in {ready - started:.0f}s; load test: {seconds}s")
-            tokenizer = _local_path(artifacts.tokenizer or spec.model.source, base_dir)
+            tokenizer = resolve("tokenizer", artifacts.tokenizer or spec.model.source)
             levels = load_test(
                 config,
                 target=target,
