@@ -371,7 +371,9 @@ class Operator:
                     await self.client.delete("v1", "Service", namespace, child)
         except k8s.ApiError as error:
             raise kopf.TemporaryError(f"staging: {error}", delay=10) from error
-        new = st.with_staging(old, result.status, generation=meta.get("generation"), now=now)
+        new = st.with_staging(
+            old, result.status, spec=spec, generation=meta.get("generation"), now=now
+        )
         changes = st.patch_for(old, new, now=now, min_progress_interval=0)
         if changes:
             patch.setdefault("status", {}).update(changes)

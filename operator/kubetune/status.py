@@ -18,7 +18,7 @@ from typing import Any, Literal
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from kubetune import api, render
+from kubetune import api, promotion, render
 
 Phase = api.Phase
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
@@ -760,15 +760,26 @@ def _gates_condition(
         conds.set(GATES_PASSED, "True", ALL_GATES_PASSED, f"{len(gates)} gate(s) passed")
 
 
+def staging_gates(staging: api.StagingStatus) -> list[api.GateResult]:
+    """The staging gates as promotion judges them: a staging that failed is a failed gate."""
+    if staging.phase == "Failed":
+        return [
+            api.GateResult(metric="staging.completed", op="==", value=1, actual=0, passed=False)
+        ]
+    return list(staging.gates)
+
+
 def with_staging(
     previous: api.FineTuneJobStatus,
     staging: api.StagingStatus,
     *,
+    spec: api.FineTuneJobSpec,
     generation: int | None,
     now: datetime,
 ) -> api.FineTuneJobStatus:
     """status.staging plus conditions Staged and GatesPassed (evaluation and staging gates
-    together). Training's outcome (phase Succeeded, artifacts) is never changed by staging."""
+    together) and, once staging is done, status.promotion (promotion.after_staging). Training's
+    outcome (phase Succeeded, artifacts) is never changed by staging."""
     conds = Conditions(previous.conditions, now=now, generation=generation)
     message = staging.message or staging.phase
     reason = {
@@ -795,9 +806,17 @@ def with_staging(
                 conds.set(GATES_PASSED, "True", ALL_GATES_PASSED, f"{everything} gate(s) passed")
             else:
                 conds.set(GATES_PASSED, "True", NO_GATES, "no gates declared")
-    return previous.model_copy(
-        update={"staging": staging, "conditions": conds.items, "observedGeneration": generation}
-    )
+    update: dict[str, Any] = {
+        "staging": staging,
+        "conditions": conds.items,
+        "observedGeneration": generation,
+    }
+    done = staging.phase in api.STAGING_TERMINAL
+    if done and (previous.staging is None or previous.staging.phase != staging.phase):
+        update["promotion"], _ = promotion.after_staging(
+            spec, previous, staging_gates(staging), rfc3339(now)
+        )
+    return previous.model_copy(update=update)
 
 
 # --------------------------------------------------------------------------------------------

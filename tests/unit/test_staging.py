@@ -451,13 +451,18 @@ def test_gates_passed_waits_for_staging_and_then_combines_both() -> None:
     assert not staging.gates_passed(trained)
     good = api.GateResult(metric="staging.ttftP95Ms", op="<=", value=1, actual=0.5, passed=True)
     done = api.StagingStatus(phase="Succeeded", artifact="adapter", gates=[good], message="m")
-    new = st.with_staging(trained, done, generation=1, now=NOW)
+    new = st.with_staging(trained, done, spec=example().spec, generation=1, now=NOW)
     assert staging.gates_passed(new)
+    assert new.promotion is not None and new.promotion.state == "Promoted"
     assert st.condition(new, st.STAGED).status == "True"  # type: ignore[union-attr]
     assert st.condition(new, st.GATES_PASSED).message == "2 gate(s) passed"  # type: ignore[union-attr]
     bad = good.model_copy(update={"actual": 5.0, "passed": False})
     failed = st.with_staging(
-        trained, done.model_copy(update={"gates": [bad]}), generation=1, now=NOW
+        trained,
+        done.model_copy(update={"gates": [bad]}),
+        spec=example().spec,
+        generation=1,
+        now=NOW,
     )
     assert not staging.gates_passed(failed)
     assert st.condition(failed, st.GATES_PASSED).reason == st.GATE_FAILED  # type: ignore[union-attr]
@@ -466,19 +471,20 @@ def test_gates_passed_waits_for_staging_and_then_combines_both() -> None:
 def test_staging_failure_keeps_training_results() -> None:
     trained = succeeded_training()
     broken = api.StagingStatus(phase="Failed", artifact="adapter", message="vllm not ready")
-    new = st.with_staging(trained, broken, generation=1, now=NOW)
+    new = st.with_staging(trained, broken, spec=example().spec, generation=1, now=NOW)
     assert new.phase == "Succeeded" and new.artifacts == ARTIFACTS
     staged = st.condition(new, st.STAGED)
     assert staged is not None and staged.status == "False" and staged.reason == st.STAGING_FAILED
     gates = st.condition(new, st.GATES_PASSED)
     assert gates is not None and gates.status == "False" and "vllm not ready" in gates.message
+    assert new.promotion is not None and new.promotion.state == "NotPromoted"
 
 
 def test_failed_evaluation_gates_stay_failed_whatever_staging_says() -> None:
     bad = api.GateResult(metric="delta.loss", op="<", value=0, actual=1, passed=False)
     trained = succeeded_training(bad)
     done = api.StagingStatus(phase="Succeeded", artifact="adapter", message="m")
-    new = st.with_staging(trained, done, generation=1, now=NOW)
+    new = st.with_staging(trained, done, spec=example().spec, generation=1, now=NOW)
     assert st.condition(new, st.GATES_PASSED).status == "False"  # type: ignore[union-attr]
 
 

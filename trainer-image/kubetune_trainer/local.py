@@ -239,6 +239,34 @@ def stage(config: api.TrainerConfig, result: Result, options: Options, out: Text
         file=out,
     )
     print(st.table(staged.levels, staged.gates), file=out, flush=True)
+    return promote_after_staging(config, result.status, staged, out)
+
+
+def promote_after_staging(
+    config: api.TrainerConfig, status: api.FineTuneJobStatus, staged: api.StagingStatus, out: TextIO
+) -> int:
+    """promotion.after_staging; with a registry, alias production moves to the version the
+    promote stage registered (this process holds the registry credentials)."""
+    import os
+    from datetime import UTC, datetime
+
+    from kubetune import registry
+    from kubetune import status as st_status
+
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    done, move = promotion.after_staging(config.spec, status, st_status.staging_gates(staged), now)
+    mlflow = config.spec.output.registry.mlflow if config.spec.output.registry else None
+    if move and mlflow is not None and done.registry is not None and done.registry.version:
+        client = registry.Client(
+            mlflow.trackingUri, registry.Credentials.from_env(os.environ), mlflow.timeoutSeconds
+        )
+        try:
+            client.set_alias(mlflow.model, "production", done.registry.version)
+        except registry.RegistryError as exc:
+            print(f"error: output.registry.mlflow: {exc}", file=sys.stderr, flush=True)
+            return api.EXIT_INFRA_ERROR if exc.transient else api.EXIT_USER_ERROR
+    for line in promotion.summary_lines(done):
+        print(line, file=out)
     return api.EXIT_OK
 
 
