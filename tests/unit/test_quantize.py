@@ -173,3 +173,13 @@ def test_the_operator_copies_the_rows_from_the_termination_message() -> None:
     assert new.phase == "Succeeded"
     assert new.quantized == rows
     api.FineTuneJobStatus.model_validate(new.to_api())
+
+
+def test_without_test_rows_exports_keep_their_size_and_have_no_figures() -> None:
+    reference = Measured({}, {}, 10)
+    outcomes = [Outcome("int8", uri="file:///o/quantized/int8", measured=Measured({}, {}, 5))]
+    (row,) = status_rows(reference, outcomes)
+    assert (row.sizeBytes, row.delta, row.latencyP50Ms, row.tokensPerSecond) == (5, {}, None, None)
+    section = report_section(reference, outcomes)
+    assert section["exports"][0]["produced"] and section["exports"][0]["sizeRatio"] == 0.5
+    assert format_table(section).splitlines()[2].split() == ["int8", "0.00", "MB"] + ["-"] * 5

@@ -109,13 +109,15 @@ def report_section(reference: Measured | None, outcomes: Sequence[Outcome]) -> d
 
     exports = []
     for o in outcomes:
-        row: dict[str, Any] = {"format": o.format, "produced": o.measured is not None}
+        row: dict[str, Any] = {"format": o.format, "produced": o.uri is not None}
+        if o.uri is not None:
+            row |= {"uri": o.uri, "notes": o.notes}
         if o.measured is not None:
-            row |= {"uri": o.uri, **figures(o.measured), "notes": o.notes}
+            row |= figures(o.measured)
             if reference is not None:
                 row["delta"] = compare(reference.metrics, o.measured.metrics)
                 row["sizeRatio"] = o.measured.size_bytes / reference.size_bytes
-        else:
+        if o.uri is None:
             row["reason"] = o.reason
         exports.append(row)
     return {"reference": figures(reference) if reference else None, "exports": exports}
@@ -195,7 +197,7 @@ def quantize_exports(
         merged_dir = Path(tmp) / "merged"
         merged.save_pretrained(merged_dir, safe_serialization=True)
         tokenizer.save_pretrained(merged_dir)
-        reference = measure(merged, tokenizer, rows, spec, device, merged_dir) if rows else None
+        reference = measure(merged, tokenizer, rows, spec, device, merged_dir)
         outcomes = []
         for name in formats:
             outcome = one_format(name, merged_dir, rows, spec, storage, device, Path(tmp), log)
@@ -227,8 +229,7 @@ def one_format(
         else:
             outcome.notes = write_bitsandbytes(name, merged_dir, out, device)
             model, tokenizer = load_bitsandbytes(out, device)
-        if rows:
-            outcome.measured = measure(model, tokenizer, rows, spec, device, out)
+        outcome.measured = measure(model, tokenizer, rows, spec, device, out)
         del model
         outcome.uri = storage.commit_dir(out, f"quantized/{name}")
     except CannotProduce as exc:
@@ -248,9 +249,13 @@ def measure(
     device: torch.device,
     folder: Path,
 ) -> Measured:
-    """The evaluator's metrics, latency at batch size 1 on test-split prompts, weights' size."""
+    """The evaluator's metrics, latency at batch size 1 on test-split prompts, weights' size
+    (only the size without test rows)."""
     from .safety import timed_generations
 
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not rows:
+        return Measured({}, {}, size)
     with quiet():  # bitsandbytes warns on every int8 matmul
         metrics = evaluate_model(
             model,
@@ -268,7 +273,6 @@ def measure(
         latency = timed_generations(
             model, tokenizer, prompts, max_new_tokens=spec.evaluation.maxNewTokens, device=device
         )
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     return Measured(metrics, latency, size)
 
 
@@ -476,7 +480,7 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str) -> Path:
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
 
     writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(str(config.get("_name_or_path") or "kubetune merged model"))
+    writer.add_name("kubetune merged model")  # never the folder's path: it is this machine's
     writer.add_file_type(
         {"Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}.get(
             tensor_type, gguf.LlamaFileType.MOSTLY_F16
@@ -594,7 +598,7 @@ def run_stage(
         with tempfile.TemporaryDirectory(prefix="kubetune-adapter-", dir=scratch) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             merged = merged_model(model_dir, Path(tmp), spec)
-    merged.to(torch.float32)  # the reference is unquantized float32, whatever training used
+    merged.to(device=device, dtype=torch.float32)  # the reference: unquantized float32
     reference, outcomes = quantize_exports(
         spec.output.quantize, merged, tokenizer, test, spec, storage, device, scratch, log
     )
