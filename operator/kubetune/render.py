@@ -29,6 +29,7 @@ RUN_AS = 1000  # the trainer image's non-root user
 
 MANAGED_BY = "kubetune-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PROMOTE = "kubetune.io/promote"  # the promote Job's FineTuneJob (render.promote_job)
 LABEL_JOB = "kubetune.io/finetunejob"  # the owning FineTuneJob's name, on every child and pod
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
@@ -209,23 +210,23 @@ def _env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
             if optional:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env + _mlflow_env(spec)
+
+
+def _mlflow_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
     mlflow = spec.output.registry.mlflow if spec.output.registry else None
-    if mlflow and mlflow.credentialsSecret:
-        # A token or a username and password: every key optional, the Secret holds one kind.
-        for key in registry.CREDENTIAL_ENVS:
-            env.append(
-                {
-                    "name": key,
-                    "valueFrom": {
-                        "secretKeyRef": {
-                            "name": mlflow.credentialsSecret,
-                            "key": key,
-                            "optional": True,
-                        }
-                    },
-                }
-            )
-    return env
+    if not (mlflow and mlflow.credentialsSecret):
+        return []
+    # A token or a username and password: every key optional, the Secret holds one kind.
+    return [
+        {
+            "name": key,
+            "valueFrom": {
+                "secretKeyRef": {"name": mlflow.credentialsSecret, "key": key, "optional": True}
+            },
+        }
+        for key in registry.CREDENTIAL_ENVS
+    ]
 
 
 def _resources(spec: api.ResourcesSpec) -> dict[str, Any]:
@@ -403,3 +404,104 @@ _Dumper.add_representer(str, _str)
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:
     return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def promote_job_name(name: str) -> str:
+    return f"{name}-promote"
+
+
+def promote_job(
+    job: api.FineTuneJob, *, uid: str | None, default_image: str, version: str, alias: str
+) -> dict[str, Any] | None:
+    """A one-pod Job that moves a registry alias to a model version (the staging step's way
+    to promote: the operator never holds registry credentials, the pod gets them from the
+    job's Secret like the trainer). None without ``output.registry.mlflow``."""
+    spec = job.spec
+    mlflow = spec.output.registry.mlflow if spec.output.registry else None
+    if mlflow is None:
+        return None
+    name, namespace = job.metadata.name, job.metadata.namespace or "default"
+    command = [
+        "python",
+        "-m",
+        "kubetune_trainer.promote",
+        "--tracking-uri",
+        mlflow.trackingUri,
+        "--model",
+        mlflow.model,
+        "--version",
+        version,
+        "--alias",
+        alias,
+        "--timeout",
+        str(mlflow.timeoutSeconds),
+    ]
+    container = {
+        "name": "promote",
+        "image": spec.resources.image or default_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        "env": [{"name": "HOME", "value": "/tmp"}, *_mlflow_env(spec)],
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if spec.resources.serviceAccountName:
+        pod["serviceAccountName"] = spec.resources.serviceAccountName
+    # Not the trainer's labels: the operator reads every pod labelled LABEL_JOB as a trainer.
+    promote_labels = {
+        "app.kubernetes.io/name": "kubetune-promote",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "promote",
+        "app.kubernetes.io/part-of": "kubetune",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_PROMOTE: name,
+    }
+    metadata: dict[str, Any] = {
+        "name": promote_job_name(name),
+        "namespace": namespace,
+        "labels": promote_labels,
+    }
+    if uid:
+        metadata["ownerReferences"] = [owner_reference(name, uid)]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            # Exit 11 (unreachable registry) is worth a few retries; exit 10 (refused) is not.
+            "backoffLimit": 3,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "promote",
+                            "operator": "In",
+                            "values": [api.EXIT_USER_ERROR],
+                        },
+                    }
+                ]
+            },
+            "template": {"metadata": {"labels": promote_labels}, "spec": pod},
+        },
+    }

@@ -1,13 +1,16 @@
 """The model registry round trip against a real `mlflow server` (SQLite, local artifacts).
 
-Tiny training runs (demo model, 2 steps) log their params and metrics to MLflow and register a
-model version; alias staging always, production only when the gates pass. Everything is read
-back through MLflow's REST API by the test's own requests, not kubetune's client.
+Tiny training runs (demo model, 2 steps; the trainer's entry point and `kubetune run`) log
+their params and metrics to MLflow and register a model version: alias staging always,
+production only when the gates pass. Everything is read back through MLflow's REST API by the
+test's own requests, not kubetune's client.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,28 @@ def _config(tmp: Path, name: str, uri: str, gates: list[dict[str, Any]]) -> Path
     return trainer_runs.write_config(tmp / "config.json", cfg)
 
 
+def _kubetune_run(tmp: Path, name: str, uri: str, gates: list[dict[str, Any]]) -> tuple[int, str]:
+    """`kubetune run` on a manifest: the local mode does training and the registry in one go."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = json.loads(_config(tmp, name, uri, gates).read_text())
+    manifest = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name},
+        "spec": config["spec"],
+    }
+    path = tmp / "job.yaml"
+    path.write_text(json.dumps(manifest))  # JSON is YAML
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env=trainer_runs.trainer_env(),
+        timeout=600,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
 def _train(tmp: Path, name: str, uri: str, gates: list[dict[str, Any]]) -> tuple[int, str, dict]:
     tmp.mkdir(parents=True, exist_ok=True)
     termination = tmp / "termination.json"
@@ -64,11 +89,13 @@ def test_round_trip_staging_then_production(tmp_path: Path, server: MlflowServer
         404,
     )
 
-    # 2. Gates that pass: a new version, staging then production.
-    code, out, second = _train(
+    # 2. Gates that pass, through `kubetune run`: a new version, staging then production.
+    code, out = _kubetune_run(
         tmp_path / "b", "job-b", server.uri, [{"metric": "delta.loss", "op": "<", "value": 0}]
     )
     assert code == 0, out
+    report = json.loads((tmp_path / "b" / "out" / "report.json").read_text())
+    second = report["status"]
     promo = second["promotion"]
     assert promo["state"] == "Promoted", promo
     assert promo["promotedAt"] and promo["registry"]["aliases"] == ["staging", "production"]
@@ -108,10 +135,10 @@ def test_round_trip_staging_then_production(tmp_path: Path, server: MlflowServer
     run_files = server.get("mlflow-artifacts/artifacts", path=rel.rsplit("/", 1)[0])
     assert {"report.json", "loss-curve.png"} <= {f["path"] for f in run_files["files"]}
 
-    # report.json (committed) records the same promotion.
-    report = json.loads((tmp_path / "b" / "out" / "report.json").read_text())
-    assert report["promotion"]["registry"]["version"] == reg["version"]
-    assert report["status"]["promotion"]["state"] == "Promoted"
+    # report.json (committed) and the local table say the same.
+    assert report["promotion"] == promo
+    assert "promotion: Promoted: 1 evaluation gate(s) passed" in out
+    assert f"version     {reg['version']} (aliases: staging, production; run {reg['runId']})" in out
 
 
 def test_staging_hook_moves_production_after_staging_gates(server: MlflowServer) -> None:
@@ -143,12 +170,41 @@ def test_staging_hook_moves_production_after_staging_gates(server: MlflowServer)
     )
     new, move = promotion.after_staging(spec, status, [staging_gate], "2026-12-01T01:00:00Z")
     assert move and new.state == "Promoted" and new.registry is not None
-    client.set_alias("hooked", registry.PRODUCTION, version)
+    # What the promote Job's pod runs (render.promote_job).
+    done = _promote_cli(server.uri, "hooked", version)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"hooked: alias production -> version {version} (source s3://models/tuned/x/merged)"
+    )
     found = server.get("mlflow/registered-models/alias", name="hooked", alias="production")
     assert found["model_version"]["version"] == version
     assert found["model_version"]["source"] == "s3://models/tuned/x/merged"
     assert new.registry.aliases == ["production", "staging"]
     assert new.registeredAt == "2026-12-01T00:00:00Z"
+
+
+def _promote_cli(uri: str, model: str, version: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer.promote", "--tracking-uri", uri,
+         "--model", model, "--version", version, "--alias", "production", "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        env=trainer_runs.trainer_env(),
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_promote_cli_errors(server: MlflowServer) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    done = _promote_cli(down, "hooked", "1")
+    assert done.returncode == api.EXIT_INFRA_ERROR
+    assert done.stderr.count("error:") == 1 and down in done.stderr
+    assert "Traceback" not in done.stderr
+    # A model the registry does not know: refused (exit 10), the server's reason in the line.
+    done = _promote_cli(server.uri, "no-such-model", "1")
+    assert done.returncode == api.EXIT_USER_ERROR, done.stderr
+    assert done.stderr.startswith("error: MLflow at " + server.uri)
+    assert "RESOURCE_DOES_NOT_EXIST" in done.stderr or "not found" in done.stderr.lower()
 
 
 def test_unreachable_registry_exits_11_and_keeps_the_training(tmp_path: Path) -> None:

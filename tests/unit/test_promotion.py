@@ -316,3 +316,45 @@ def test_promotion_travels_compact_and_the_operator_fills_it_back() -> None:
     )
     assert status.promotion is not None
     assert status.promotion == done
+
+
+# --------------------------------------------------------------------------------------------
+# the promote Job (the staging step's way to move alias production)
+
+
+def _job_with_registry(**mlflow: Any) -> api.FineTuneJob:
+    job = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0].to_api()
+    job["spec"]["output"]["registry"] = {
+        "mlflow": {"trackingUri": "http://m:5000", "model": "bot", **mlflow}
+    }
+    return api.parse_job(job)
+
+
+def test_promote_job_moves_an_alias_with_secret_references_only() -> None:
+    import kubernetes_validate
+
+    job = _job_with_registry(credentialsSecret="mlflow-auth")
+    rendered = render.promote_job(
+        job, uid="u-1", default_image="img:1", version="7", alias="production"
+    )
+    assert rendered is not None
+    kubernetes_validate.validate(rendered, "1.35.0", strict=True)
+    pod = rendered["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == [
+        "python", "-m", "kubetune_trainer.promote", "--tracking-uri", "http://m:5000",
+        "--model", "bot", "--version", "7", "--alias", "production", "--timeout", "30",
+    ]  # fmt: skip
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert set(refs) == set(registry.CREDENTIAL_ENVS)
+    assert all(r["name"] == "mlflow-auth" and r["optional"] for r in refs.values())
+    assert pod["automountServiceAccountToken"] is False
+    # Not mistaken for a trainer pod: no kubetune.io/finetunejob label.
+    for labels in (
+        rendered["metadata"]["labels"],
+        rendered["spec"]["template"]["metadata"]["labels"],
+    ):
+        assert render.LABEL_JOB not in labels and labels[render.LABEL_PROMOTE] == job.metadata.name
+    assert rendered["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    lora = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0]
+    assert render.promote_job(lora, uid=None, default_image="i", version="1", alias="x") is None

@@ -8,8 +8,10 @@ proxy). Remote weights are not copied: the model version's ``source`` is the com
 URI in the output location (``s3://...``), so a registry entry never points at a half-uploaded
 copy and gigabytes are not stored twice. A local output (``file://``, ``kubetune run``) is copied
 into the run's artifacts and that copy registered: a local path means nothing on another
-machine, and MLflow refuses local sources outside the run's artifacts. The version gets alias ``staging``; ``production`` follows
-when the gates pass (promotion.py decides; with staging configured, the staging step moves it).
+machine, and MLflow refuses local sources outside the run's artifacts. The version gets alias
+``staging``; ``production`` follows when the gates pass (promotion.py decides; with staging
+configured, the staging step moves it: ``python -m kubetune_trainer.promote`` below, which the
+Job from ``render.promote_job`` runs).
 
 A registry failure never loses the training: the artifacts and report.json are already
 committed, the report is rewritten with ``promotion.state: Failed`` and the message, and the
@@ -151,3 +153,54 @@ def failed_status(
         f"output.registry.mlflow: {error}"
     )
     return status.model_copy(update={"phase": "Failed", "message": summary[:3000]})
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m kubetune_trainer.promote: move an alias (what render.promote_job's pod runs)
+
+
+def move_alias(
+    tracking_uri: str, model: str, version: str, alias: str, env: Mapping[str, str], timeout: float
+) -> str:
+    """Point ``alias`` at ``version`` and read it back; the line to print."""
+    client = registry.Client(tracking_uri, registry.Credentials.from_env(env), timeout)
+    client.set_alias(model, alias, version)
+    found = client.version_by_alias(model, alias)
+    if str(found.get("version")) != version:
+        raise registry.RegistryError(
+            f"MLflow at {tracking_uri}: alias {alias} of {model} reads version "
+            f"{found.get('version')} after setting it to {version}",
+            transient=True,
+        )
+    return f"{model}: alias {alias} -> version {version} (source {found.get('source')})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune_trainer.promote",
+        description="Move an MLflow registry alias to a model version (credentials from env "
+        f"{', '.join(registry.CREDENTIAL_ENVS)}).",
+    )
+    parser.add_argument("--tracking-uri", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--alias", default=registry.PRODUCTION)
+    parser.add_argument("--timeout", type=float, default=30)
+    args = parser.parse_args(argv)
+    try:
+        line = move_alias(
+            args.tracking_uri, args.model, args.version, args.alias, os.environ, args.timeout
+        )
+    except registry.RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return api.EXIT_INFRA_ERROR if exc.transient else api.EXIT_USER_ERROR
+    print(line, flush=True)
+    return api.EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
