@@ -22,9 +22,20 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from kubetune import api, k8s, metrics, model_headers, plan, render, staging, sweep_handlers
+from kubetune import (
+    api,
+    k8s,
+    metrics,
+    model_headers,
+    plan,
+    promotion,
+    render,
+    staging,
+    sweep_handlers,
+)
 from kubetune import status as st
 from kubetune.policy import license_problem
+from kubetune.registry import PRODUCTION
 from kubetune.settings import Settings
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
@@ -374,6 +385,19 @@ class Operator:
         new = st.with_staging(
             old, result.status, spec=spec, generation=meta.get("generation"), now=now
         )
+        if promotion.moves_production(old.promotion, new.promotion):
+            assert new.promotion is not None and new.promotion.registry is not None
+            version = str(new.promotion.registry.version)
+            mover = render.promote_job(
+                job, uid=uid, default_image=image, version=version, alias=PRODUCTION
+            )
+            if mover is not None:
+                try:
+                    await self.client.create(mover)
+                except k8s.ApiError as error:
+                    raise kopf.TemporaryError(f"promotion: {error}", delay=10) from error
+                promoted = promotion.moved_by_job(new.promotion, mover["metadata"]["name"])
+                new = new.model_copy(update={"promotion": promoted})
         changes = st.patch_for(old, new, now=now, min_progress_interval=0)
         if changes:
             patch.setdefault("status", {}).update(changes)

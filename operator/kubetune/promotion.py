@@ -17,8 +17,8 @@ from kubetune import api
 
 
 def has_staging(spec: api.FineTuneJobSpec) -> bool:
-    """Whether promotion also waits for staging gates (``spec.staging``, when the API has it)."""
-    return getattr(spec, "staging", None) is not None
+    """Whether promotion also waits for staging gates (``spec.staging``)."""
+    return spec.staging is not None
 
 
 def promoted_artifact(artifacts: api.Artifacts | None) -> str | None:
@@ -118,6 +118,20 @@ def after_staging(
     if previous and previous.registeredAt:
         promotion.registeredAt = previous.registeredAt
     return promotion, move
+
+
+def moves_production(old: api.Promotion | None, new: api.Promotion | None) -> bool:
+    """Whether this status change promotes a registered version (so alias production must be
+    moved now): the new promotion is Promoted with a registered version, the old one was not."""
+    if new is None or new.state != "Promoted" or new.registry is None or not new.registry.version:
+        return False
+    return old is None or old.state != "Promoted"
+
+
+def moved_by_job(done: api.Promotion, job_name: str) -> api.Promotion:
+    """In a cluster the operator does not hold registry credentials: a Job moves the alias."""
+    note = f"; alias production is moved by Job {job_name}"
+    return done.model_copy(update={"message": (done.message + note)[:4096]})
 
 
 def summary_lines(promotion: api.Promotion | None) -> list[str]:

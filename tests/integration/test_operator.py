@@ -236,6 +236,21 @@ def test_success_carries_metrics_gates_artifacts(cluster: Cluster) -> None:
         gates=[api.GateResult(metric="delta.loss", op="<", value=0, actual=-0.8, passed=True)],
         artifacts=api.Artifacts(adapter="s3://out/run/adapter", report="s3://out/run/report.json"),
         reproducibility=api.Reproducibility(dataHash="ab" * 32, seed=42),
+        promotion=api.Promotion(
+            state="Promoted",
+            message="1 evaluation gate(s) passed",
+            artifact="s3://out/run/adapter",
+            registry=api.RegistryRecord(
+                trackingUri="http://mlflow:5000",
+                model="gamma",
+                runId="r1",
+                version="4",
+                source="s3://out/run/adapter",
+                aliases=["staging", "production"],
+            ),
+            registeredAt="2026-01-01T01:00:00Z",
+            promotedAt="2026-01-01T01:00:00Z",
+        ),
     )
     add_pod(
         cluster,
@@ -274,6 +289,11 @@ def test_success_carries_metrics_gates_artifacts(cluster: Cluster) -> None:
     assert status["metrics"]["delta"]["loss"] == -0.8
     assert status["artifacts"]["adapter"] == "s3://out/run/adapter"
     assert status["reproducibility"]["seed"] == 42
+    # status.promotion travels compact and comes back whole (artifacts and gates refilled).
+    promoted = status["promotion"]
+    assert promoted["registry"]["version"] == "4" and promoted["state"] == "Promoted"
+    assert promoted["artifacts"]["adapter"] == "s3://out/run/adapter"
+    assert promoted["gates"] == ["delta.loss < 0: passed (actual -0.8)"]
     assert condition(status, "GatesPassed")["status"] == "True"
     assert condition(status, "Succeeded")["reason"] == "TrainingComplete"
     assert status["completionTime"] == "2026-01-01T01:00:00Z"

@@ -358,3 +358,23 @@ def test_promote_job_moves_an_alias_with_secret_references_only() -> None:
     assert rendered["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     lora = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0]
     assert render.promote_job(lora, uid=None, default_image="i", version="1", alias="x") is None
+
+
+def test_moves_production_once_when_a_registered_version_is_promoted() -> None:
+    reg = api.RegistryRecord(trackingUri="http://m", model="m", version="3", aliases=["staging"])
+    pending = api.Promotion(state="Pending", registry=reg)
+    promoted = api.Promotion(state="Promoted", registry=reg)
+    assert promotion.moves_production(pending, promoted)
+    assert promotion.moves_production(None, promoted)
+    assert not promotion.moves_production(promoted, promoted)  # already done: no second Job
+    assert not promotion.moves_production(pending, api.Promotion(state="NotPromoted", registry=reg))
+    assert not promotion.moves_production(pending, api.Promotion(state="Promoted"))  # no registry
+    noted = promotion.moved_by_job(promoted.model_copy(update={"message": "ok"}), "x-promote")
+    assert noted.message == "ok; alias production is moved by Job x-promote"
+
+
+def test_staging_spec_makes_promotion_wait() -> None:
+    example = manifests.load_file(ROOT / "examples" / "staging-s3.yaml").jobs[0].spec
+    assert promotion.has_staging(example)
+    state, message = promotion.decide(example, [gate(True)] * len(example.evaluation.gates))
+    assert state == "Pending" and "waiting for the staging gates" in message
