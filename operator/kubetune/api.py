@@ -1221,6 +1221,21 @@ class Reproducibility(ApiModel):
     image: str | None = Field(default=None, description="Trainer image.")
 
 
+class Usage(ApiModel):
+    """What the run measured about itself (the trainer's report has more)."""
+
+    parameters: int | None = Field(
+        default=None, ge=0, description="Parameters of the trained model (base + adapters)."
+    )
+    trainableParameters: int | None = Field(
+        default=None, ge=0, description="Parameters the optimizer updated."
+    )
+    peakMemoryBytes: int | None = Field(
+        default=None, ge=0, description="Peak memory: GPU allocator peak on GPU, max RSS on CPU."
+    )
+    trainSeconds: float | None = Field(default=None, ge=0, description="Seconds spent training.")
+
+
 class PlannedMethod(ApiModel):
     method: Literal["full", "lora", "qlora-4bit", "qlora-8bit"] = Field(description="Method.")
     trainableParameters: int = Field(ge=0, description="Parameters the method trains.")
@@ -1317,6 +1332,9 @@ class FineTuneJobStatus(ApiModel):
     )
     reproducibility: Reproducibility | None = Field(
         default=None, description="What makes it repeatable."
+    )
+    usage: Usage | None = Field(
+        default=None, description="Parameters, peak memory and training time, as measured."
     )
     plan: JobPlan | None = Field(
         default=None,

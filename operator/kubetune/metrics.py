@@ -9,7 +9,10 @@ Cardinality is bounded on purpose:
   phases as label values (pre-created at 0, so `increase()` sees the first transition);
 - per-job series (`{namespace,name}`) exist only while a job is live: progress gauges while it
   is Running, `pending_since` while it is Pending; they go when it finishes or is deleted;
-- histograms have no per-job labels.
+- histograms have no per-job labels;
+- per-sweep series (`{namespace,name}`: trials by phase, the best objective) exist while the
+  sweep exists, finished or not (a sweep's result is what a dashboard shows; sweeps are few and
+  each has a bounded number of trials); they go when it is deleted.
 
 A dedicated registry (not prometheus_client's global one) holds these plus the process,
 platform and GC collectors, so nothing is registered twice when the module is imported by
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
 from typing import Final
@@ -41,6 +44,8 @@ from prometheus_client.process_collector import ProcessCollector
 from kubetune import __version__, api
 
 PHASES: Final = api.PHASES
+SWEEP_PHASES: Final = ("Pending", "Running", "Succeeded", "Failed")
+TRIAL_PHASES: Final = ("Pending", "Running", "Succeeded", "Failed", "Pruned")
 TERMINAL: Final = frozenset({"Succeeded", "Failed"})
 
 # Time to Running is queueing + image pull + scheduling: seconds to hours (Kueue can hold a job).
@@ -81,6 +86,9 @@ OPERATOR_METRICS: Final = (
     "kubetune_reconcile_duration_seconds",
     "kubetune_reconcile_errors_total",
     "kubetune_api_errors_total",
+    "kubetune_finetunesweeps",
+    "kubetune_finetunesweep_trials",
+    "kubetune_finetunesweep_best_objective",
 )
 
 JobKey = tuple[str, str]
@@ -176,6 +184,24 @@ class OperatorMetrics:
             ["operation", "reason"],
             registry=r,
         )
+        self.sweeps = Gauge(
+            "kubetune_finetunesweeps", "FineTuneSweeps known to the operator, by phase.",
+            ["phase"], registry=r,
+        )  # fmt: skip
+        self.sweep_trials = Gauge(
+            "kubetune_finetunesweep_trials",
+            "Trials of a FineTuneSweep, by phase (Pending, Running, Succeeded, Failed, Pruned).",
+            ["namespace", "name", "phase"],
+            registry=r,
+        )
+        self.sweep_best = Gauge(
+            "kubetune_finetunesweep_best_objective",
+            "The best objective among a FineTuneSweep's succeeded trials (absent before one).",
+            ["namespace", "name", "metric", "direction"],
+            registry=r,
+        )
+        for phase in SWEEP_PHASES:
+            self.sweeps.labels(phase=phase).set(0)
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
             for source in PHASES:
@@ -186,6 +212,8 @@ class OperatorMetrics:
         self._phase: dict[JobKey, str | None] = {}
         self._ran: set[JobKey] = set()  # time to Running observed
         self._finished: set[JobKey] = set()  # time to completion observed
+        self._sweep_phase: dict[JobKey, str | None] = {}
+        self._sweep_best: dict[JobKey, tuple[str, str]] = {}  # the labels of its best series
 
     # ----------------------------------------------------------------------------------------
 
@@ -250,6 +278,54 @@ class OperatorMetrics:
             self._finished.discard(key)
             self._remove(self.pending_since, key)
             self._drop_progress(key)
+
+    def sweep_state(
+        self,
+        namespace: str,
+        name: str,
+        phase: str | None,
+        trials: Mapping[str, int],
+        best: float | None,
+        metric: str,
+        direction: str,
+    ) -> None:
+        """Record one sweep's phase, its trials by phase and its best objective (idempotent)."""
+        key = (namespace, name)
+        with self._lock:
+            previous = self._sweep_phase.get(key)
+            self._sweep_phase[key] = phase
+            if phase != previous:
+                if previous in SWEEP_PHASES:
+                    self.sweeps.labels(phase=previous).dec()
+                if phase in SWEEP_PHASES:
+                    self.sweeps.labels(phase=phase).inc()
+            for trial_phase in TRIAL_PHASES:
+                self.sweep_trials.labels(namespace, name, trial_phase).set(
+                    trials.get(trial_phase, 0)
+                )
+            labels = (_label(metric), direction)
+            old = self._sweep_best.pop(key, None)
+            if old is not None and (best is None or old != labels):
+                with suppress(KeyError):
+                    self.sweep_best.remove(namespace, name, *old)
+            if best is not None:
+                self.sweep_best.labels(namespace, name, *labels).set(best)
+                self._sweep_best[key] = labels
+
+    def sweep_deleted(self, namespace: str, name: str) -> None:
+        """Forget a sweep: its phase count and its series."""
+        key = (namespace, name)
+        with self._lock:
+            previous = self._sweep_phase.pop(key, None)
+            if previous in SWEEP_PHASES:
+                self.sweeps.labels(phase=previous).dec()
+            for trial_phase in TRIAL_PHASES:
+                with suppress(KeyError):
+                    self.sweep_trials.remove(namespace, name, trial_phase)
+            old = self._sweep_best.pop(key, None)
+            if old is not None:
+                with suppress(KeyError):
+                    self.sweep_best.remove(namespace, name, *old)
 
     @contextmanager
     def reconcile_timer(self, handler: str) -> Iterator[None]:
@@ -323,6 +399,22 @@ def job_state(
 
 def job_deleted(namespace: str, name: str) -> None:
     METRICS.job_deleted(namespace, name)
+
+
+def sweep_state(
+    namespace: str,
+    name: str,
+    phase: str | None,
+    trials: Mapping[str, int],
+    best: float | None,
+    metric: str,
+    direction: str,
+) -> None:
+    METRICS.sweep_state(namespace, name, phase, trials, best, metric, direction)
+
+
+def sweep_deleted(namespace: str, name: str) -> None:
+    METRICS.sweep_deleted(namespace, name)
 
 
 def reconcile_timer(handler: str) -> AbstractContextManager[None]:

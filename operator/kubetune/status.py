@@ -504,12 +504,13 @@ def _eta(progress: api.Progress, start: datetime | None, now: datetime) -> int |
 def _apply_result(
     status: dict[str, Any], result: Mapping[str, Any]
 ) -> tuple[list[api.GateResult], str | None]:
-    """Copy metrics, gates, artifacts, quantized exports and the reproducibility record; bad
-    parts are skipped."""
+    """Copy metrics, gates, artifacts, usage, quantized exports and the reproducibility record;
+    bad parts are skipped."""
     for key, model in (
         ("metrics", api.Metrics),
         ("artifacts", api.Artifacts),
         ("reproducibility", api.Reproducibility),
+        ("usage", api.Usage),
     ):
         if isinstance(result.get(key), dict):
             with contextlib.suppress(ValidationError):  # a malformed part is left out

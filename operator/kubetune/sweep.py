@@ -15,6 +15,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -34,6 +35,7 @@ from kubetune.sweep_api import (
     FineTuneSweepSpec,
     FineTuneSweepStatus,
     ParameterSpec,
+    TradeoffRow,
     TrialPhase,
     TrialRow,
     planned_trials,
@@ -61,6 +63,7 @@ class TrialRecord:
     step: int | None = None
     message: str | None = None
     artifacts: api.Artifacts | None = None
+    result: api.FineTuneJobStatus | None = None  # the trial's own status (trade-off table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +125,7 @@ def record_from_status(
         curve=curve,
         step=progress.step,
         artifacts=status.artifacts,
+        result=status,
     )
     if pruned:
         return TrialRecord(phase="Pruned", message=_pruned_message(curve), **common)  # type: ignore[arg-type]
@@ -442,6 +446,59 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    try:
+        first = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        last = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, (last - first).total_seconds())
+
+
+def tradeoff(spec: FineTuneSweepSpec, records: Iterable[TrialRecord]) -> list[TradeoffRow]:
+    """With a method.type parameter: one row per trial (by number), from each trial's own
+    status: objective, tuned metrics, OOD perplexity ratio, measured parameters, peak memory
+    and wall time, and the plan's estimate when the operator planned the trial."""
+    if not any(p.path == "method.type" for p in spec.parameters):
+        return []
+    rows = []
+    for record in sorted(records, key=lambda r: r.number):
+        status = record.result or api.FineTuneJobStatus()
+        metrics = status.metrics or api.Metrics()
+        usage = status.usage or api.Usage()
+        planned = None
+        if status.plan is not None:
+            planned = next(
+                (m for m in status.plan.methods if m.method == status.plan.requested), None
+            )
+        ratio = metrics.delta.get("oodPerplexityRatio")
+        rows.append(
+            TradeoffRow(
+                method=str(record.params.get("method.type")),
+                trial=record.name,
+                phase=record.phase,
+                objective=record.objective,
+                tuned=dict(metrics.tuned),
+                oodPerplexityRatio=ratio,
+                trainableParameters=usage.trainableParameters,
+                planTrainableParameters=planned.trainableParameters if planned else None,
+                peakMemoryBytes=usage.peakMemoryBytes,
+                planMemoryBytes=planned.memoryBytes if planned else None,
+                wallSeconds=_seconds_between(status.startTime, status.completionTime),
+                message=record.message,
+            )
+        )
+    return rows
+
+
+def trials_by_phase(records: Iterable[TrialRecord]) -> dict[str, int]:
+    """How many trials are in each phase (every phase, zeros included)."""
+    records = list(records)
+    return {phase: sum(r.phase == phase for r in records) for phase in (*ACTIVE, *FINISHED)}
+
+
 def summarize(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> FineTuneSweepStatus:
     """The sweep's status from its trials (conditions are the caller's: they need a clock)."""
     top = best(spec, records)
@@ -473,6 +530,7 @@ def summarize(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> FineTu
         bestObjective=top.objective if top is not None else None,
         best=top,
         trials=[row(r) for r in sorted(records, key=lambda r: r.number)],
+        tradeoff=tradeoff(spec, records),
     )
 
 

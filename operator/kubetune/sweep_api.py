@@ -231,6 +231,30 @@ class TrialRow(api.ApiModel):
     message: str | None = Field(default=None, description="Why it failed or was pruned.")
 
 
+class TradeoffRow(api.ApiModel):
+    """One method of a sweep over method.type: results and costs next to the plan's estimate."""
+
+    method: str | None = Field(default=None, description="The trial's method.type.")
+    trial: str = Field(description="The trial's FineTuneJob.")
+    phase: TrialPhase = Field(description="The trial's phase.")
+    objective: float | None = Field(default=None, description="The objective metric's value.")
+    tuned: dict[str, float] = Field(
+        default_factory=dict, description="The tuned model's test-split metrics."
+    )
+    oodPerplexityRatio: float | None = Field(
+        default=None, description="Tuned / base out-of-domain perplexity (above 1: forgetting)."
+    )
+    trainableParameters: int | None = Field(default=None, ge=0, description="Measured.")
+    planTrainableParameters: int | None = Field(default=None, ge=0, description="Planned.")
+    peakMemoryBytes: int | None = Field(default=None, ge=0, description="Measured peak memory.")
+    planMemoryBytes: int | None = Field(default=None, ge=0, description="Planned peak memory.")
+    wallSeconds: float | None = Field(default=None, ge=0, description="Start to end.")
+    artifactBytes: int | None = Field(
+        default=None, ge=0, description="Size of the adapter or model written (local sweeps)."
+    )
+    message: str | None = Field(default=None, description="Why it failed or was pruned.")
+
+
 class BestTrial(api.ApiModel):
     name: str = Field(description="The best trial's FineTuneJob.")
     number: int = Field(ge=0, description="Trial number.")
@@ -254,6 +278,11 @@ class FineTuneSweepStatus(api.ApiModel):
     bestObjective: float | None = Field(default=None, description="The best objective so far.")
     best: BestTrial | None = Field(default=None, description="The best finished trial.")
     trials: list[TrialRow] = Field(default_factory=list, description="One row per trial.")
+    tradeoff: list[TradeoffRow] = Field(
+        default_factory=list,
+        description="With a method.type parameter: one row per method, results next to the "
+        "plan's estimates.",
+    )
 
 
 class SweepMeta(BaseModel):

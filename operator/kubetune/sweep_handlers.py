@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from kubetune import api, k8s, sweep, sweep_api
+from kubetune import api, k8s, metrics, sweep, sweep_api
 from kubetune import status as st
 
 RESOURCE = (api.GROUP, api.VERSION, sweep_api.PLURAL)
@@ -98,9 +98,23 @@ def register(registry: kopf.OperatorRegistry, client: k8s.Client, interval: floa
         summary.conditions = _conditions(old, summary.phase, summary.message or "", generation)
         summary.observedGeneration = generation
         patch["status"] = summary.to_api()
+        metrics.sweep_state(
+            namespace,
+            name,
+            summary.phase,
+            sweep.trials_by_phase(records),
+            summary.bestObjective,
+            spec.objective.metric,
+            spec.objective.direction,
+        )
 
     def running(status: kopf.Status, **_: Any) -> bool:
         return status.get("phase") not in ("Succeeded", "Failed")
+
+    @kopf.on.delete(*RESOURCE, id="sweep-deleted", registry=registry)
+    def deleted(*, namespace: str | None, name: str, **_: Any) -> None:
+        # Trials go by owner reference (the garbage collector); the operator forgets its series.
+        metrics.sweep_deleted(namespace or "default", name)
 
     kopf.on.create(*RESOURCE, id="sweep", registry=registry)(reconcile)
     kopf.on.resume(*RESOURCE, id="sweep", registry=registry)(reconcile)

@@ -2,17 +2,19 @@
 the chart's ServiceAccount, makes the trials (FineTuneJobs), the real Job controller makes their
 pods and the process kubelet runs each trial's real trainer on the demo model from a moto S3
 server; median pruning suspends a trial that falls behind, an operator restart mid-sweep
-changes nothing, and deleting the sweep deletes its trials and their Jobs (owner references,
-the real garbage collector).
+changes nothing, the operator's per-sweep metrics match the status, and deleting the sweep
+deletes its trials and their Jobs (owner references, the real garbage collector).
 """
 
 from __future__ import annotations
 
 import json
+import urllib.request
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import sweep, sweep_api
 from tests.e2e.test_operator_e2e import DATASET, DEMO_MODEL, manifest
@@ -83,6 +85,24 @@ def sweep_status(cluster: Cluster) -> dict[str, Any]:
     return dict(obj.get("status") or {})
 
 
+def sweep_series(cluster: Cluster) -> dict[tuple[str, str], float]:
+    """This sweep's series on the operator's /metrics: ("trials", phase) and ("best", metric)."""
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{cluster.session.metrics_port}/metrics", timeout=5
+    ) as response:
+        text = response.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("namespace") != cluster.ns or sample.labels.get("name") != "s":
+                continue
+            if sample.name == "kubetune_finetunesweep_trials":
+                out[("trials", sample.labels["phase"])] = sample.value
+            elif sample.name == "kubetune_finetunesweep_best_objective":
+                out[("best", sample.labels["metric"])] = sample.value
+    return out
+
+
 def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
     cluster: Cluster, bucket: str, s3_server: str
 ) -> None:
@@ -148,6 +168,20 @@ def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
     best = min(finished, key=finished.__getitem__)
     assert done["best"]["name"] == best and done["bestObjective"] == finished[best]
     assert done["best"]["artifacts"]["adapter"].startswith(f"s3://{bucket}/sweeps/s/{best}")
+    # measured by the trainer, carried by its termination message into the trial's status
+    usage = jobs[best]["status"]["usage"]
+    assert 0 < usage["trainableParameters"] < usage["parameters"] and usage["peakMemoryBytes"] > 0
+    assert done.get("tradeoff", []) == []  # no method.type parameter: no trade-off table
+
+    # The operator's per-sweep metrics, scraped from its /metrics endpoint.
+    counts = {r["phase"]: 0 for r in rows.values()}
+    for r in rows.values():
+        counts[r["phase"]] += 1
+    scraped = sweep_series(cluster)
+    assert {k[1]: v for k, v in scraped.items() if k[0] == "trials"} == {
+        p: float(counts.get(p, 0)) for p in ("Pending", "Running", "Succeeded", "Failed", "Pruned")
+    }
+    assert scraped[("best", "evalLoss")] == done["bestObjective"]
 
     assert len(cluster.jobs()) == 6  # one batch/v1 Job per trial
     cluster.kube.delete(FTS, "finetunesweeps", cluster.ns, "s")  # background propagation
@@ -156,3 +190,4 @@ def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
         lambda: trials(cluster) == [] and cluster.jobs() == [],
         timeout=120,
     )
+    assert sweep_series(cluster) == {}  # its series went with it

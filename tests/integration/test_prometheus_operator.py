@@ -81,6 +81,8 @@ TRAINER_VALUES = {
     "eta_seconds": 450,
 }
 
+TRIALS = {"Pending": 1, "Running": 2, "Succeeded": 3, "Failed": 0, "Pruned": 1}
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Exporter, Prometheus]]:
@@ -124,6 +126,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Exporter, 
             for phase in ("Pending", "Running", "Succeeded"):
                 exp.send(op="state", namespace="team-a", name="done", phase=phase, age=60)
             exp.send(op="trainer", values=TRAINER_VALUES)
+            exp.send(op="sweep", namespace="team-a", name="lr", phase="Running", trials=TRIALS)
+            exp.send(
+                op="sweep", namespace="team-a", name="lr", phase="Running", trials=TRIALS, best=0.75
+            )
             exp.send(op="reconcile", handler="create")
             exp.send(op="reconcile", handler="timer", fail=True)
             exp.send(op="api_error", operation="create_job", reason="Forbidden")
@@ -171,6 +177,28 @@ def test_per_job_series_keep_the_job_namespace_and_go_when_the_job_goes(
     exp.send(op="deleted", namespace="team-c", name="short")
     # Gone from the exposition -> Prometheus marks the series stale at the next scrape.
     prom.wait_query('kubetune_finetunejob_step{name="short"}', lambda r: r == [])
+
+
+def test_prometheus_scrapes_the_sweep_series_and_drops_them_with_the_sweep(
+    stack: tuple[Exporter, Prometheus],
+) -> None:
+    exp, prom = stack
+    result = prom.wait_query(
+        'kubetune_finetunesweep_trials{name="lr"}', lambda r: len(r) == len(TRIALS)
+    )
+    assert {s["metric"]["phase"]: float(s["value"][1]) for s in result} == TRIALS
+    assert {s["metric"]["namespace"] for s in result} == {"team-a"}  # the sweep's own
+    best = prom.wait_query('kubetune_finetunesweep_best_objective{name="lr"}', lambda r: r)
+    assert float(best[0]["value"][1]) == 0.75
+    assert best[0]["metric"]["metric"] == "evalLoss"
+    assert best[0]["metric"]["direction"] == "minimize"
+    running = prom.wait_query('kubetune_finetunesweeps{phase="Running"}', lambda r: r)
+    assert float(running[0]["value"][1]) >= 1
+    exp.send(op="sweep", namespace="team-c", name="gone", phase="Running", trials=TRIALS, best=2)
+    prom.wait_query('kubetune_finetunesweep_trials{name="gone"}', lambda r: len(r) == 5)
+    exp.send(op="sweep_deleted", namespace="team-c", name="gone")
+    prom.wait_query('kubetune_finetunesweep_trials{name="gone"}', lambda r: r == [])
+    prom.wait_query('kubetune_finetunesweep_best_objective{name="gone"}', lambda r: r == [])
 
 
 def test_rules_load_and_alert_expressions_work_on_scraped_data(

@@ -90,3 +90,43 @@ def test_bad_sweep_is_one_error_line_and_exit_10(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert "spec.parameters[1].choices: a categorical parameter needs at least one choice" in err[0]
+
+
+@pytest.mark.slow
+def test_local_tradeoff_sweep_puts_the_methods_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/tradeoff-sweep.yaml, cut to 2 steps: full, LoRA and QLoRA in one table, in the
+    report and in the status; a method that fails on this machine is a row saying why."""
+    document: dict[str, Any] = yaml.safe_load(
+        (ROOT / "examples" / "tradeoff-sweep.yaml").read_text()
+    )
+    template = document["spec"]["template"]
+    template["model"]["source"] = str(ROOT / "examples" / "demo-model")
+    template["dataset"]["source"] = str(ROOT / "examples" / "data" / "quickstart.jsonl")
+    template["dataset"]["maxSeqLength"] = 96
+    template["output"]["destination"] = str(tmp_path / "out")
+    template["training"].update(maxSteps=2, evalEverySteps=2)
+    template["evaluation"].update(maxSamples=2, maxNewTokens=2)
+    path = tmp_path / "tradeoff.yaml"
+    path.write_text(yaml.safe_dump(document))
+    code = cli.main(["sweep", str(path)])
+    report = json.loads((tmp_path / "out" / "sweep-report.json").read_text())
+    rows = {r["method"]: r for r in report["tradeoff"]}
+    assert set(rows) == {"full", "lora", "qlora"}
+    for method in ("full", "lora"):
+        row = rows[method]
+        assert row["phase"] == "Succeeded" and row["objective"] == row["tuned"]["loss"]
+        assert row["trainableParameters"] == row["planTrainableParameters"] > 0
+        assert row["peakMemoryBytes"] > 0 and row["planMemoryBytes"] > 0
+        assert row["wallSeconds"] > 0 and row["artifactBytes"] > 0
+        assert row["oodPerplexityRatio"] > 0
+    assert rows["full"]["trainableParameters"] > rows["lora"]["trainableParameters"]
+    qlora = rows["qlora"]
+    if qlora["phase"] != "Succeeded":  # bitsandbytes' CPU kernels and the demo model's shapes
+        assert qlora["message"], qlora
+        assert f"qlora ({qlora['trial']}): {qlora['phase']}: " in capsys.readouterr().out
+    assert code == 0 and report["status"]["phase"] == "Succeeded"
+    status_rows = {r["method"]: r for r in report["status"]["tradeoff"]}
+    assert status_rows.keys() == rows.keys()
+    assert status_rows["lora"]["peakMemoryBytes"] == rows["lora"]["peakMemoryBytes"]

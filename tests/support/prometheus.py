@@ -41,6 +41,13 @@ for line in sys.stdin:
         metrics.job_state(cmd["namespace"], cmd["name"], cmd["phase"], progress, created, now)
     elif cmd["op"] == "deleted":
         metrics.job_deleted(cmd["namespace"], cmd["name"])
+    elif cmd["op"] == "sweep":
+        metrics.sweep_state(
+            cmd["namespace"], cmd["name"], cmd["phase"], cmd["trials"], cmd.get("best"),
+            cmd.get("metric", "evalLoss"), cmd.get("direction", "minimize"),
+        )
+    elif cmd["op"] == "sweep_deleted":
+        metrics.sweep_deleted(cmd["namespace"], cmd["name"])
     elif cmd["op"] == "api_error":
         metrics.api_error(cmd["operation"], cmd["reason"])
     elif cmd["op"] == "reconcile":

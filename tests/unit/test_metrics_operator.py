@@ -235,6 +235,8 @@ def test_every_declared_metric_is_exported() -> None:
     with pytest.raises(ValueError), m.reconcile_timer("timer"):
         raise ValueError
     m.api_error("get_pod", "NotFound")
+    trials = {"Pending": 0, "Running": 1, "Succeeded": 1, "Failed": 0, "Pruned": 0}
+    m.sweep_state("ns", "s", "Running", trials, 0.5, "evalLoss", "minimize")
     text = m.exposition().decode()
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     for name in metrics.OPERATOR_METRICS:
@@ -249,6 +251,8 @@ def test_module_functions_keep_the_interface_handlers_call() -> None:
         "job_deleted": ["namespace", "name"],
         "reconcile_timer": ["handler"],
         "api_error": ["operation", "reason"],
+        "sweep_state": ["namespace", "name", "phase", "trials", "best", "metric", "direction"],
+        "sweep_deleted": ["namespace", "name"],
         "start_server": ["port", "addr"],
     }
     for func, params in expected.items():
@@ -277,3 +281,25 @@ def test_a_cancelled_handler_is_timed_but_not_an_error() -> None:
         raise asyncio.CancelledError
     assert value(m, "kubetune_reconcile_duration_seconds_count", handler="refresh") == 1.0
     assert value(m, "kubetune_reconcile_errors_total", handler="refresh") is None
+
+
+def test_sweep_series_follow_the_trials_and_go_with_the_sweep() -> None:
+    m = OperatorMetrics()
+    trials = {"Pending": 0, "Running": 2, "Succeeded": 0, "Failed": 0, "Pruned": 0}
+    m.sweep_state("ns", "lr", "Running", trials, None, "evalLoss", "minimize")
+    assert value(m, "kubetune_finetunesweeps", phase="Running") == 1.0
+    assert (
+        value(m, "kubetune_finetunesweep_trials", namespace="ns", name="lr", phase="Running") == 2
+    )
+    assert value(m, "kubetune_finetunesweep_trials", namespace="ns", name="lr", phase="Pruned") == 0
+    best = {"namespace": "ns", "name": "lr", "metric": "evalLoss", "direction": "minimize"}
+    assert value(m, "kubetune_finetunesweep_best_objective", **best) is None  # none succeeded
+    done = {"Pending": 0, "Running": 0, "Succeeded": 3, "Failed": 1, "Pruned": 2}
+    m.sweep_state("ns", "lr", "Succeeded", done, 0.5, "evalLoss", "minimize")
+    assert value(m, "kubetune_finetunesweeps", phase="Running") == 0.0
+    assert value(m, "kubetune_finetunesweeps", phase="Succeeded") == 1.0
+    assert value(m, "kubetune_finetunesweep_trials", namespace="ns", name="lr", phase="Pruned") == 2
+    assert value(m, "kubetune_finetunesweep_best_objective", **best) == 0.5
+    m.sweep_deleted("ns", "lr")
+    assert value(m, "kubetune_finetunesweeps", phase="Succeeded") == 0.0
+    assert "lr" not in m.exposition().decode()

@@ -186,7 +186,12 @@ def test_tradeoff_rows_put_results_next_to_the_plan() -> None:
             "wallSeconds": 60.0,
             "artifactBytes": 2**20,
         },
-        {"name": "t-t001", "phase": "Failed", "params": {"method.type": "qlora"}},
+        {
+            "name": "t-t001",
+            "phase": "Failed",
+            "params": {"method.type": "qlora"},
+            "message": "internal error: RuntimeError: shape '[128, 5]' is invalid",
+        },
     ]
     table = tradeoff_rows(spec(), rows)
     assert table[0]["method"] == "lora" and table[0]["oodPerplexityRatio"] == 1.1
@@ -194,6 +199,54 @@ def test_tradeoff_rows_put_results_next_to_the_plan() -> None:
     lines = format_tradeoff(table).splitlines()
     assert lines[1].split()[:5] == ["lora", "0.6", "0.6", "0.5", "1.1"]
     assert "900" in lines[1] and "100" in lines[1] and lines[2].split() == ["qlora"]
+    # a method that failed says why, under the table
+    assert lines[3].strip() == (
+        "qlora (t-t001): Failed: internal error: RuntimeError: shape '[128, 5]' is invalid"
+    )
+
+
+def test_sweep_status_carries_the_tradeoff_from_the_trials_statuses() -> None:
+    s = spec(
+        parameters=[{"path": "method.type", "type": "categorical", "choices": ["full", "lora"]}],
+        algorithm={"sampler": "grid", "seed": 0},
+        maxTrials=2,
+        parallelism=1,
+        earlyStopping=None,
+    )
+    done = api.FineTuneJobStatus(
+        phase="Succeeded",
+        startTime="2026-12-01T10:00:00Z",
+        completionTime="2026-12-01T10:02:30Z",
+        progress=api.Progress(step=4, evalLoss=0.8),
+        metrics=api.Metrics(tuned={"loss": 0.8}, delta={"oodPerplexityRatio": 1.2}),
+        usage=api.Usage(trainableParameters=74752, peakMemoryBytes=900 * 2**20),
+        plan=api.JobPlan(
+            requested="lora",
+            parameters=586880,
+            methods=[
+                api.PlannedMethod(method="full", trainableParameters=586880, memoryBytes=9),
+                api.PlannedMethod(method="lora", trainableParameters=74752, memoryBytes=7),
+            ],
+            recommended="lora",
+            recommendedGpus=1,
+            recommendation="lora fits",
+        ),
+    )
+    failed = api.FineTuneJobStatus(phase="Failed", message="exit 1: out of memory")
+    records = [
+        sweep.record_from_status(0, "t-t000", {"method.type": "lora"}, done, "evalLoss"),
+        sweep.record_from_status(1, "t-t001", {"method.type": "full"}, failed, "evalLoss"),
+    ]
+    status = sweep.summarize(s, records)
+    lora, full = status.tradeoff
+    assert (lora.method, lora.objective, lora.tuned) == ("lora", 0.8, {"loss": 0.8})
+    assert lora.oodPerplexityRatio == 1.2 and lora.wallSeconds == 150.0
+    assert (lora.trainableParameters, lora.planTrainableParameters) == (74752, 74752)
+    assert (lora.peakMemoryBytes, lora.planMemoryBytes) == (900 * 2**20, 7)
+    assert full.phase == "Failed" and full.message == "exit 1: out of memory"
+    assert full.objective is None and full.peakMemoryBytes is None
+    # without a method.type parameter there is no table
+    assert sweep.summarize(spec(), records).tradeoff == []
 
 
 def test_trial_jobs_round_trip_through_the_api_form() -> None:
@@ -248,3 +301,25 @@ def test_pruning_compares_with_shorter_finished_runs_at_their_last_loss() -> Non
     # seen only at step 36 (a periodic read): still compared, with a's 1.0 and b's 1.1
     assert sweep.should_prune(s, done, TrialRecord(2, "c", params, "Running", curve={36: 5.0}))
     assert not sweep.should_prune(s, done, TrialRecord(2, "c", params, "Running", curve={36: 0.9}))
+
+
+def test_too_many_failed_trials_fail_the_sweep_naming_each_trial_and_why() -> None:
+    s = spec(maxTrials=6, parallelism=2, maxFailedTrials=1)
+    records = [
+        TrialRecord(0, "lr-t000", {}, "Succeeded", 1.0),
+        TrialRecord(1, "lr-t001", {}, "Failed", message="UserError: row 3: missing field"),
+        TrialRecord(2, "lr-t002", {}, "Pruned", message="pruned at step 10"),
+    ]
+    ongoing = sweep.summarize(s, records)
+    assert ongoing.phase == "Running" and ongoing.failed == 1  # one allowed; pruned: not failed
+    records.append(TrialRecord(3, "lr-t003", {}, "Failed", message="finished without evalLoss"))
+    status = sweep.summarize(s, records)
+    assert status.phase == "Failed" and status.failed == 2 and status.pruned == 1
+    assert status.message == (
+        "2 trials failed (maxFailedTrials 1): lr-t001: UserError: row 3: missing field; "
+        "lr-t003: finished without evalLoss"
+    )
+    assert [r.message for r in status.trials if r.phase == "Failed"] == [
+        "UserError: row 3: missing field",
+        "finished without evalLoss",
+    ]

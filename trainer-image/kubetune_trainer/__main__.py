@@ -511,6 +511,12 @@ def final_status(
         metrics=metrics,
         gates=gates,
         artifacts=artifacts,
+        usage=api.Usage(
+            parameters=m.total,
+            trainableParameters=m.trainable,
+            peakMemoryBytes=report_stage.peak_memory_bytes(),
+            trainSeconds=state.train_seconds,
+        ),
         reproducibility=api.Reproducibility(
             dataHash=data.dataset.sha256,
             splitHashes=dict(data.splits.hashes),

@@ -178,6 +178,7 @@ def termination_message(status: api.FineTuneJobStatus) -> str:
         "artifacts",
         "promotion",
         "metrics",
+        "usage",
         "reproducibility",
         "quantized",
         "progress",

@@ -364,6 +364,13 @@ class LocalSweep:
         }
         if any(p.path == "method.type" for p in self.spec.parameters):
             report["tradeoff"] = tradeoff_rows(self.spec, rows)
+            # The status carries the same table (the trials on disk have what the cluster's
+            # statuses lack: artifact sizes, and plan estimates without the operator's reads).
+            status.tradeoff = [
+                sweep_api.TradeoffRow.model_validate(r)
+                for r in sorted(report["tradeoff"], key=lambda r: r["trial"])
+            ]
+            report["status"] = status.to_api()
             self.say("\ntrade-off (plan: the estimate before launch; peak: measured)")
             self.say(format_tradeoff(report["tradeoff"]))
         _write_json(self.root / REPORT, report)
@@ -413,6 +420,7 @@ def tradeoff_rows(
                 "planMemoryBytes": row.get("planMemoryBytes"),
                 "wallSeconds": row.get("wallSeconds"),
                 "artifactBytes": row.get("artifactBytes"),
+                "message": row.get("message"),
             }
         )
     return out
@@ -454,9 +462,15 @@ def format_tradeoff(rows: list[dict[str, Any]]) -> str:
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )
+    why = [
+        f"{r['method']} ({r['trial']}): {r['phase']}: {r['message']}"
+        for r in rows
+        if r.get("message") and r.get("phase") != "Succeeded"
+    ]
+    return table + "".join(f"\n  {line}" for line in why)
 
 
 def plot(
