@@ -102,7 +102,7 @@ def mlflow_server(workdir: Path, timeout: float = 180) -> Iterator[MlflowServer]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)  # uvicorn may wait for idle keep-alive connections
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -378,3 +378,62 @@ def test_staging_spec_makes_promotion_wait() -> None:
     assert promotion.has_staging(example)
     state, message = promotion.decide(example, [gate(True)] * len(example.evaluation.gates))
     assert state == "Pending" and "waiting for the staging gates" in message
+
+
+def test_a_failed_registry_step_keeps_the_trained_results_in_the_status() -> None:
+    from kubetune_trainer.promote import failed_status
+
+    artifacts = api.Artifacts(adapter="s3://b/run/adapter", report="s3://b/run/report.json")
+    trained = api.FineTuneJobStatus(
+        phase="Succeeded",
+        message="trained 2 steps; gates passed",
+        metrics=api.Metrics(tuned={"loss": 1.0}),
+        gates=[gate(True)],
+        artifacts=artifacts,
+    )
+    error = registry.RegistryError("MLflow at http://m:5000 (GET x): unreachable", transient=True)
+    decided = promotion.record(
+        state="Promoted", message="ok", gates=trained.gates, artifacts=artifacts, now=NOW
+    )
+    done = promotion.failed(decided, f"output.registry.mlflow: {error}")
+    final = failed_status(trained.model_copy(update={"promotion": done}), error)
+    text = termination_message(final)
+    status = st.compute(
+        previous=api.FineTuneJobStatus(jobName="x-trainer", phase="Running"),
+        generation=1,
+        spec=spec(),
+        job={
+            "metadata": {"name": "x-trainer"},
+            "spec": {},
+            "status": {
+                "failed": 4,
+                "conditions": [
+                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
+                ],
+            },
+        },
+        pods=[
+            {
+                "metadata": {"creationTimestamp": "2026-12-01T11:00:00Z"},
+                "spec": {"containers": [{"name": "trainer"}]},
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [
+                        {
+                            "name": "trainer",
+                            "state": {
+                                "terminated": {"exitCode": 11, "reason": "Error", "message": text}
+                            },
+                        }
+                    ],
+                },
+            }
+        ],
+        live=None,
+        now=datetime(2026, 12, 1, 12, tzinfo=UTC),
+    )
+    assert status.phase == "Failed"
+    assert status.artifacts == artifacts and status.metrics is not None
+    assert status.promotion is not None and status.promotion.state == "Failed"
+    assert "http://m:5000" in status.promotion.message and status.promotion.promotedAt is None
+    assert status.message is not None and "artifacts committed" in status.message
