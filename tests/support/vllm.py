@@ -88,12 +88,14 @@ class Server:
     def complete(
         self, prompt: str | list[int], max_tokens: int, model: str | None = None
     ) -> dict[str, Any]:
-        """Greedy completion of a prompt already rendered (text or token ids): one choice."""
+        """Greedy completion of a prompt already rendered (text or token ids): one choice, with
+        its "text" and "token_ids"."""
         body = {
             "model": model or self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
+            "return_token_ids": True,
         }
         choice: dict[str, Any] = self.post("/v1/completions", body)["choices"][0]
         return choice
@@ -130,6 +132,7 @@ def serve(
     args: Sequence[str] = (),
     served_model_name: str = "base",
     timeout: float = 300.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """vLLM's OpenAI-compatible server for MODEL on a free loopback port until the block ends.
 
@@ -153,7 +156,11 @@ def serve(
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**env(), **(extra_env or {})},
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + timeout

@@ -236,6 +236,32 @@ def _text_length(example: Example, *, prompt_only: bool) -> int:
 
 
 @torch.no_grad()
+def generations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[Example],
+    spec: api.EvaluationSpec,
+    max_seq_length: int,
+    device: torch.device | str,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """The greedy continuation (token ids, stop token cut) of each row's prompt, in row order:
+    what generation metrics score. Rows of similar prompt length share a batch."""
+    out: list[list[int]] = [[] for _ in rows]
+    order = sorted(range(len(rows)), key=lambda i: _text_length(rows[i], prompt_only=True))
+    for batch in batches(order, spec.batchSize):
+        prompts = [prompt_ids(rows[i], tokenizer, max_seq_length) for i in batch]
+        continuations = greedy_generate(
+            model, tokenizer, prompts, max_new_tokens=spec.maxNewTokens, device=device
+        )
+        for i, tokens in zip(batch, continuations, strict=True):
+            out[i] = tokens
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
+@torch.no_grad()
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -280,16 +306,12 @@ def evaluate_model(
             results.update(sums.metrics())
         if wanted & GENERATION_METRICS:
             generated = GenerationSums()
-            order = sorted(range(len(rows)), key=lambda i: _text_length(rows[i], prompt_only=True))
-            for batch in batches(order, spec.batchSize):
-                prompts = [prompt_ids(rows[i], tokenizer, max_seq_length) for i in batch]
-                outputs = greedy_generate(
-                    model, tokenizer, prompts, max_new_tokens=spec.maxNewTokens, device=device
-                )
-                for i, tokens in zip(batch, outputs, strict=True):
-                    text = str(tokenizer.decode(tokens, skip_special_tokens=True))
-                    generated.add(text, rows[i].completion)
-                advance(len(batch))
+            outputs = generations(
+                model, tokenizer, rows, spec, max_seq_length, device, progress=advance
+            )
+            for row, tokens in zip(rows, outputs, strict=True):
+                text = str(tokenizer.decode(tokens, skip_special_tokens=True))
+                generated.add(text, row.completion)
             results.update(generated.metrics())
     finally:
         model.train(was_training)
