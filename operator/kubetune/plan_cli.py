@@ -71,6 +71,11 @@ def main(path: str, *, gpu_memory: str | None, gpu: str | None, as_json: bool) -
             "spec.model.source: kubetune plan reads a local model folder (s3:// is "
             "not supported yet)"
         )
+    if api.is_gguf_source(spec.model.source):
+        return fail(
+            "spec.model.source: kubetune plan reads a model folder's safetensors headers; a "
+            ".gguf file is not supported yet (kubetune run dequantizes it into such a folder)"
+        )
     if gpu is not None and gpu not in plan.GPUS:
         return fail(f"--gpu: unknown GPU {gpu!r}; known: {', '.join(plan.GPUS)}")
     memory: int | None = None

