@@ -2,14 +2,20 @@
 
     .venv/bin/python benchmarks/trainer_efficiency.py                 # 3 rounds, interleaved
     .venv/bin/python benchmarks/trainer_efficiency.py --rounds 1 --rows 128   # a quick look
+    .venv/bin/python benchmarks/trainer_efficiency.py --model DIR --rows 32 --max-len 256
+                                                           # a real model (safetensors folder)
 
-Same model (examples/demo-model: Llama, hidden 128, 2 layers), same data (synthetic alpaca rows,
-median ~178 tokens, long tail to 1,024), same hyperparameters (LoRA r=8 on all linear layers,
-batch 8, lr 2e-4, cosine, 1 epoch, fp32, 2 threads, completion-only loss). Every run is a
-fresh process (so peak RSS is per contender); contenders alternate within each round and the
-median of the rounds is reported. Measured per run: real (non-padding) tokens per second over
-the epoch, padding waste (padded tokens / all tokens fed), peak RSS, time to first step (from
-the start of model loading to the end of the first optimizer step).
+Same model (examples/demo-model: Llama, hidden 128, 2 layers; or --model DIR, any safetensors
+causal-LM folder, e.g. SmolLM2-135M as kubetune converts it from GGUF), same data (synthetic
+alpaca rows, median ~178 tokens, long tail to 1,024), same hyperparameters (LoRA r=8 on all
+linear layers, batch 8, lr 2e-4, cosine, 1 epoch, fp32, 2 threads, completion-only loss).
+Every run is a fresh process (so peak RSS is per contender); contenders alternate within each
+round and the median of the rounds is reported. Measured per run: real (non-padding) tokens
+per second over the epoch, padding waste (padded tokens / all tokens fed), peak RSS, time to
+first step (from the start of model loading to the end of the first optimizer step), the loss
+after the epoch (completion tokens of 16 fixed rows that no contender trains on) and the
+achieved FLOP/s against an fp32 matmul rate measured in the same run on the same threads
+(flops_per_token says how FLOPs are counted).
 
 Contenders:
 - ``kubetune``: kubetune_trainer.train with packing (rows of at most maxSeqLength, concatenated
@@ -102,12 +108,16 @@ def make_rows(count: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+MODEL = DEMO  # --model (the child gets it on its command line)
+HELD_OUT = 16  # rows scored for the loss after training (seed 1: none of them is trained on)
+
+
 def encoded_rows(count: int, seed: int, max_len: int) -> tuple[Any, list[Any]]:
     from transformers import AutoTokenizer
 
     from kubetune_trainer.data import Example, encode
 
-    tokenizer = AutoTokenizer.from_pretrained(DEMO)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
     out = []
     for i, row in enumerate(make_rows(count, seed)):
         example = Example(
@@ -129,10 +139,65 @@ def lora_model() -> Any:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
-        DEMO, dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa"
+        MODEL, dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa"
     )
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     return get_peft_model(model, config)
+
+
+def flops_per_token(model: Any) -> float:
+    """Training FLOPs per token of every Linear layer (the LM head included, tied or not): a
+    trainable weight costs 6 x its parameters (forward 2, input gradient 2, weight gradient 2),
+    a frozen one 4 (forward and the input gradient the layers below still need; no weight
+    gradient). LoRA's A and B are trainable Linears, so they count 6x. Embedding lookups,
+    norms, activations and attention scores (about 2% of the total for SmolLM2 at these
+    lengths) are not counted: the figure is a lower bound of the work done."""
+    import torch
+
+    total = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += (6 if module.weight.requires_grad else 4) * module.weight.numel()
+    return total
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a 1024x1024 fp32 matmul on this process's threads: the machine's practical
+    ceiling for the trainers' dense layers."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(5):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.4:
+            a @ b
+            count += 1
+        rates.append(2 * 1024**3 * count / (time.perf_counter() - start))
+    return max(rates)
+
+
+def held_out_loss(model: Any, max_len: int) -> float:
+    """Mean completion-token loss on HELD_OUT fixed rows, one row at a time (no padding)."""
+    import torch
+
+    _, rows = encoded_rows(HELD_OUT, 1, max_len)
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row.input_ids])
+            labels = torch.tensor([row.labels])
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            target = labels[0, 1:]
+            keep = target != -100
+            loss_sum += float(
+                torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+            )
+            tokens += int(keep.sum())
+    return loss_sum / max(tokens, 1)
 
 
 def peak_rss_mib() -> float:
@@ -181,6 +246,8 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
     )
     real = sum(len(r.input_ids) for r in data)
     return {
+        "loss": held_out_loss(model, max_len),
+        "flops_per_token": flops_per_token(model),
         "real_tokens": real,
         "fed_tokens": real,  # flat micro-batches: nothing but real tokens
         "seconds": steps[-1] - start,
@@ -244,6 +311,8 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
     trainer.train()
     real = sum(len(r.input_ids) for r in data)
     return {
+        "loss": held_out_loss(model, max_len),
+        "flops_per_token": flops_per_token(model),
         "real_tokens": real,
         "fed_tokens": fed["tokens"],
         "seconds": steps[-1] - start,
@@ -316,6 +385,8 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
     trainer.train()
     real = sum(len(r.input_ids) for r in data)
     return {
+        "loss": held_out_loss(model, max_len),
+        "flops_per_token": flops_per_token(model),
         "real_tokens": real,
         "fed_tokens": fed["tokens"],
         "seconds": steps[-1] - start,
@@ -326,6 +397,12 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
 
 
 def child(contender: str, rows: int, max_len: int) -> None:
+    if contender == "matmul":
+        import torch
+
+        torch.set_num_threads(2)
+        print("RESULT " + json.dumps({"flops": matmul_rate()}), flush=True)
+        return
     import peft  # noqa: F401  (imported before any clock starts: import time is not training)
     import torch
     import transformers  # noqa: F401
@@ -348,9 +425,11 @@ def child(contender: str, rows: int, max_len: int) -> None:
 # driver
 
 
-def measure(contender: str, rows: int, max_len: int) -> dict[str, float]:
+def child_result(contender: str, rows: int, max_len: int) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", contender, "--rows", str(rows)]
+    command += ["--max-len", str(max_len), "--model", str(MODEL)]
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", contender, "--rows", str(rows)],
+        command,
         capture_output=True,
         text=True,
         check=False,
@@ -360,11 +439,17 @@ def measure(contender: str, rows: int, max_len: int) -> dict[str, float]:
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{contender} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     result: dict[str, float] = json.loads(line[len("RESULT ") :])
+    return result
+
+
+def measure(contender: str, rows: int, max_len: int) -> dict[str, float]:
+    result = child_result(contender, rows, max_len)
     real, fed = result["real_tokens"], result["fed_tokens"]
     # Throughput over the whole epoch after the first step (steady state).
     first_real = real / result["steps"]  # approx. tokens of the first step
     result["tokens_per_second"] = (real - first_real) / max(result["train_seconds"], 1e-9)
     result["padding_waste"] = 1 - real / fed
+    result["flops"] = result["flops_per_token"] * result["tokens_per_second"]
     return result
 
 
@@ -374,13 +459,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model", type=Path, default=DEMO, help="a safetensors model folder (default: demo)"
+    )
+    parser.add_argument("--child", choices=(*CONTENDERS, "matmul"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model.resolve()
     if args.child:
         child(args.child, args.rows, args.max_len)
         return
     results: dict[str, list[dict[str, float]]] = {c: [] for c in args.contenders}
+    peaks: list[float] = []
     for round_ in range(args.rounds):
+        peaks.append(child_result("matmul", 0, 0)["flops"])
+        print(f"round {round_ + 1} fp32 matmul {peaks[-1] / 1e9:,.1f} GFLOP/s", flush=True)
         order = args.contenders if round_ % 2 == 0 else list(reversed(args.contenders))
         for contender in order:
             result = measure(contender, args.rows, args.max_len)
@@ -388,7 +481,8 @@ def main() -> None:
             print(
                 f"round {round_ + 1} {contender:<16} {result['tokens_per_second']:>9,.0f} tok/s "
                 f"padding {result['padding_waste']:.1%} rss {result['peak_rss_mib']:.0f} MiB "
-                f"first step {result['first_step_seconds']:.2f} s",
+                f"first step {result['first_step_seconds']:.2f} s loss {result['loss']:.4f} "
+                f"{result['flops'] / 1e9:,.1f} GFLOP/s",
                 flush=True,
             )
     median = {
@@ -396,18 +490,28 @@ def main() -> None:
         for c, runs in results.items()
     }
     reference = median.get("hf-default")
+    peers = [m["tokens_per_second"] for c, m in median.items() if c != "kubetune"]
+    best = max(peers, default=math.nan)
+    peak = statistics.median(peaks)
+    print(
+        f"\nmodel {MODEL.name}: {median[args.contenders[0]]['flops_per_token'] / 1e6:,.1f} "
+        f"MFLOP per trained token (6x trainable, 4x frozen Linear parameters); fp32 matmul "
+        f"{peak / 1e9:,.1f} GFLOP/s (median of {len(peaks)})"
+    )
     print(
         "\n| contender | real tokens/s | padding waste | peak RSS MiB | first step s | "
-        "tokens/s vs hf-default | RSS vs hf-default |"
+        "loss after the epoch | GFLOP/s (of matmul) | tokens/s vs hf-default | "
+        "tokens/s vs best peer | RSS vs hf-default |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c, m in median.items():
         ratio = m["tokens_per_second"] / reference["tokens_per_second"] if reference else math.nan
         rss = m["peak_rss_mib"] / reference["peak_rss_mib"] if reference else math.nan
         print(
             f"| {c} | {m['tokens_per_second']:,.0f} | {m['padding_waste']:.1%} | "
-            f"{m['peak_rss_mib']:.0f} | {m['first_step_seconds']:.2f} | {ratio:.2f}x | "
-            f"{rss:.2f}x |"
+            f"{m['peak_rss_mib']:.0f} | {m['first_step_seconds']:.2f} | {m['loss']:.4f} | "
+            f"{m['flops'] / 1e9:,.1f} ({m['flops'] / peak:.0%}) | {ratio:.2f}x | "
+            f"{m['tokens_per_second'] / best:.2f}x | {rss:.2f}x |"
         )
 
 
