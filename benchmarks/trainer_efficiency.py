@@ -151,7 +151,9 @@ def flops_per_token(model: Any) -> float:
     a frozen one 4 (forward and the input gradient the layers below still need; no weight
     gradient). LoRA's A and B are trainable Linears, so they count 6x. Embedding lookups,
     norms, activations and attention scores (about 2% of the total for SmolLM2 at these
-    lengths) are not counted: the figure is a lower bound of the work done."""
+    lengths) are not counted. The head is counted at every position, as the peers run it;
+    kubetune runs it only where an answer token is predicted (logits_to_keep), so its figure
+    is an effective rate: the same nominal work per token for every contender."""
     import torch
 
     total = 0.0
