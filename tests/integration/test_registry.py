@@ -227,3 +227,48 @@ def test_unreachable_registry_exits_11_and_keeps_the_training(tmp_path: Path) ->
     assert message["promotion"]["state"] == "Failed"
     assert "artifacts committed" in message["message"] and uri in message["message"]
     assert message["metrics"]["tuned"]["loss"] > 0
+
+
+VLLM = trainer_runs.ROOT / ".tools" / "vllm"
+
+
+@pytest.mark.timeout(900)
+def test_with_staging_production_waits_for_the_staging_gates(
+    tmp_path: Path, server: MlflowServer
+) -> None:
+    """`kubetune run` with spec.staging and a registry: the trainer registers the version with
+    alias staging only (Pending), real vLLM (CPU) + guidellm stage it, and production moves once
+    the staging gates pass."""
+    if not (VLLM / "bin" / "python").exists():
+        pytest.fail(f"{VLLM} not found: run scripts/install-vllm.sh", pytrace=False)
+    data = trainer_runs.write_rows(tmp_path / "data.jsonl", rows=48)
+    spec = trainer_runs.spec_dict(data, tmp_path / "out", maxSteps=2, evalEverySteps=2)
+    spec["evaluation"] = {"maxSamples": 4, "maxNewTokens": 2, "metrics": ["loss"]}
+    spec["output"]["registry"] = {"mlflow": {"trackingUri": server.uri, "model": "staged-bot"}}
+    spec["staging"] = {
+        "gpus": 0,
+        "load": {"type": "poisson", "rate": 2, "durationSeconds": 10, "maxPrompts": 8},
+        "costPerGpuHour": 0.1,
+        "gates": {"p95TtftMs": 120000, "minOutputTokensPerSecond": 0.01},
+    }
+    path = tmp_path / "job.yaml"
+    job = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "staged"}}
+    path.write_text(json.dumps({**job, "spec": spec}))
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        env={**trainer_runs.trainer_env(), "KUBETUNE_VLLM": str(VLLM)},
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The trainer's record (report.json): registered, waiting for staging.
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["promotion"]["state"] == "Pending"
+    assert report["promotion"]["registry"]["aliases"] == ["staging"]
+    version = report["promotion"]["registry"]["version"]
+    # After staging: production points at that version, and the table says so.
+    found = server.get("mlflow/registered-models/alias", name="staged-bot", alias="production")
+    assert found["model_version"]["version"] == version
+    assert "promotion: Promoted" in done.stdout
+    assert "1 staging gate(s)" in done.stdout or "staging gate(s) passed" in done.stdout
