@@ -71,12 +71,23 @@ def _train(tmp: Path, name: str, uri: str, gates: list[dict[str, Any]]) -> tuple
     return code, out, message
 
 
-def test_round_trip_staging_then_production(tmp_path: Path, server: MlflowServer) -> None:
-    # 1. A gate that cannot pass: registered with alias staging only.
+def test_round_trip_staging_then_production(
+    tmp_path: Path, server: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1. A gate that cannot pass: registered with alias staging only. A token in the env (as
+    #    the Secret reference puts it there; this server ignores it) is sent, never written.
+    marker = "tok-5e3b9c1d-never-written"
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", marker)
     code, out, first = _train(
         tmp_path / "a", "job-a", server.uri, [{"metric": "tuned.loss", "op": "<", "value": 0}]
     )
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")
     assert code == 0, out
+    written = [out, json.dumps(first)]
+    written += [p.read_text(errors="replace") for p in (tmp_path / "a").rglob("*.json")]
+    run_a = server.get("mlflow/runs/get", run_id=first["promotion"]["registry"]["runId"])
+    written.append(json.dumps(run_a))
+    assert not [w for w in written if marker in w]
     promo = first["promotion"]
     assert promo["state"] == "NotPromoted", promo
     assert promo["registry"]["aliases"] == ["staging"]
