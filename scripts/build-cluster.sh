@@ -25,7 +25,7 @@ BINARIES=(etcd kube-apiserver kube-controller-manager kueue)
 complete() {
   local b
   for b in "${BINARIES[@]}"; do [[ -x "$DEST/$b" ]] || return 1; done
-  [[ -d "$DEST/kueue-config" ]]
+  [[ -d "$DEST/kueue-config/crds" && -d "$DEST/kueue-config/rbac" ]]
 }
 if complete; then echo "$DEST"; exit 0; fi
 
@@ -55,21 +55,26 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.gitCommit=$K8S -X $pkg.buildDate=$date"
 done
 
-build etcd etcd go.etcd.io/etcd/server/v3 "-X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD"
-build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
-build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
-build kueue kueue sigs.k8s.io/kueue/cmd/kueue \
+# Only what is missing (a cache from an older script may lack a part).
+missing() { [[ ! -x "$DEST/$1" ]]; }
+missing etcd && build etcd etcd go.etcd.io/etcd/server/v3 "-X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD"
+missing kube-apiserver && build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
+missing kube-controller-manager && build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
+missing kueue && build kueue kueue sigs.k8s.io/kueue/cmd/kueue \
   "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE -X sigs.k8s.io/kueue/pkg/version.BuildDate=$date"
 
-# Kueue's CRDs and webhook configuration, from the same module version.
+# Kueue's CRDs, webhook configuration and RBAC (the manager's ServiceAccount and roles), from
+# the same module version.
 kueue_dir="$(cd "$MODULES/kueue" && "$GO" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
 mkdir -p "$STAGE/kueue-config"
 cp -r "$kueue_dir/config/components/crd/bases" "$STAGE/kueue-config/crds"
 cp "$kueue_dir/config/components/webhook/manifests.yaml" "$STAGE/kueue-config/webhooks.yaml"
+cp -r "$kueue_dir/config/components/rbac" "$STAGE/kueue-config/rbac"
 chmod -R u+w "$STAGE/kueue-config"
 
-mkdir -p "$DEST"
-for b in "${BINARIES[@]}"; do mv "$STAGE/$b" "$DEST/$b"; done
-rm -rf "$DEST/kueue-config"
-mv "$STAGE/kueue-config" "$DEST/kueue-config"
+mkdir -p "$DEST/kueue-config"
+for b in "${BINARIES[@]}"; do [[ -e "$STAGE/$b" ]] && mv "$STAGE/$b" "$DEST/$b"; done
+for part in crds webhooks.yaml rbac; do  # added, never swapped under a running cluster
+  [[ -e "$DEST/kueue-config/$part" ]] || mv "$STAGE/kueue-config/$part" "$DEST/kueue-config/$part"
+done
 echo "$DEST"

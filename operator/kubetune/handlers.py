@@ -31,6 +31,7 @@ from kubetune import (
     promotion,
     render,
     staging,
+    sweep_api,
     sweep_handlers,
 )
 from kubetune import status as st
@@ -133,7 +134,9 @@ class Operator:
             log.info("no plan for %s: %s", job.metadata.name, error)
             return None, None
 
-    async def ensure_children(self, job: api.FineTuneJob, uid: str) -> render.Children:
+    async def ensure_children(self, job: api.FineTuneJob, uid: str) -> render.Children | None:
+        """Create the children that are missing; None when the namespace is being deleted (the
+        job goes with it: nothing to retry, nothing worth an error)."""
         children = render.render(
             job, uid=uid, default_image=self.config.trainer_image, policy=self.policy
         )
@@ -141,6 +144,9 @@ class Operator:
             try:
                 await self.client.create(obj)
             except k8s.ApiError as error:
+                if error.namespace_terminating:
+                    log.info("namespace being deleted: %s", error)
+                    return None
                 raise kopf.TemporaryError(
                     f"cannot create {obj['kind']}: {error}", delay=10
                 ) from error
@@ -181,6 +187,8 @@ class Operator:
                 new = st.does_not_fit(refusal, planned, generation=generation, now=now)
             else:
                 children = await self.ensure_children(job, uid)
+                if children is None:
+                    return
                 created = st.created(
                     old,
                     job_name=children.job["metadata"]["name"],
@@ -272,8 +280,13 @@ class Operator:
                 text = await k8s.fetch_metrics(self.scraper(), facts.pod_ip, facts.metrics_port)
                 live = st.parse_trainer_metrics(text, now=now) if text else None
             current = found[0] if found else await self.client.get_job(namespace, old.jobName or "")
-            if current is None:  # deleted by someone: make it again; the trainer resumes
-                await self.ensure_children(job, uid)
+            if current is None:
+                if meta.get("deletionTimestamp"):
+                    return  # going away (e.g. with its namespace): nothing to make again
+                # Deleted by someone: make it again (the trainer resumes); None: its namespace
+                # is being deleted.
+                if await self.ensure_children(job, uid) is None:
+                    return
             new = st.compute(
                 previous=old,
                 generation=meta.get("generation"),
@@ -431,8 +444,11 @@ def _staging_due(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
     return (status.get("staging") or {}).get("phase") not in api.STAGING_TERMINAL
 
 
-def register(config: Settings, client: k8s.Client | None = None) -> kopf.OperatorRegistry:
-    """A kopf registry with every handler of the operator."""
+def register(
+    config: Settings, client: k8s.Client | None = None, namespace: str = ""
+) -> kopf.OperatorRegistry:
+    """A kopf registry with every handler of the operator; ``namespace``: the one it watches
+    (empty: all)."""
     registry = kopf.OperatorRegistry()
     op = Operator(config, client)
 
@@ -448,6 +464,10 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
         settings.scanning.disabled = not config.watch_crds
         settings.posting.enabled = True  # kopf.event() -> Kubernetes Events
         settings.posting.level = logging.INFO
+        # Only our own Events (kopf.info/warn: JobCreated, TrainerRunning, ...), not one per
+        # kopf log line ("Handler 'reconcile' succeeded."): fewer writes per job, and none
+        # retried into a namespace being deleted.
+        settings.posting.loggers = False
         settings.posting.reporting_component = "kubetune-operator"
         # Only our children, filtered by the API server rather than in memory.
         settings.watching.label_selectors["batch", "v1", "jobs"] = render.CHILD_SELECTOR
@@ -455,6 +475,11 @@ def register(config: Settings, client: k8s.Client | None = None) -> kopf.Operato
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         metrics.start_server(config.metrics_port)
+        # Our CRDs may have been established a moment ago: wait until the API server serves
+        # them, so that kopf's first list does not log 429 retries as errors.
+        base = f"/apis/{api.GROUP}/{api.VERSION}"
+        scope = f"{base}/namespaces/{namespace}" if namespace else base
+        await op.client.wait_served([f"{scope}/{api.PLURAL}", f"{scope}/{sweep_api.PLURAL}"])
 
     # A custom registry does not get kopf's default login; the API client logs in the same way.
     kopf.on.login(registry=registry)(k8s.login)
@@ -534,7 +559,7 @@ def run(config: Settings, namespace: str | None = None) -> int:
         handler.addFilter(_QuietTimer())
     watch = config.namespace if namespace is None else namespace
     kopf.run(
-        registry=register(config),
+        registry=register(config, namespace=watch),
         standalone=True,
         clusterwide=not watch,
         namespaces=[watch] if watch else (),

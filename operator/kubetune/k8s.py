@@ -76,6 +76,12 @@ class ApiError(Exception):
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
+        self.message = message
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """The namespace is being deleted: nothing new can be created in it (403)."""
+        return self.status == 403 and "because it is being terminated" in self.message
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -309,6 +315,33 @@ class Client:
             content_type="application/merge-patch+json",
             operation="patch_finetunejobs",
         )
+
+    async def wait_served(
+        self, paths: list[str], *, timeout: float = 60.0, every: float = 1.0
+    ) -> None:
+        """Wait until each list ``path`` is served. A CRD established a moment ago (installed
+        with the operator, as `helm install` does) has its storage still initializing: the API
+        server answers 429 "storage is (re)initializing" for a few seconds, and kopf logs each
+        retry of its first list as an ERROR. Any other answer (200, 403, 404) ends the wait:
+        kopf reports those itself; so does a timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        for path in paths:
+            told = False
+            while True:
+                try:  # not through _request: these 429s are no API errors worth a metric
+                    auth = await self._authenticated()
+                    await self._send(auth, "GET", f"{path}?limit=1", None, "application/json")
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    break
+                except ApiError as error:
+                    now = asyncio.get_running_loop().time()
+                    if error.status == 429 and now < deadline:
+                        if not told:
+                            log.info("waiting for the API server to serve %s: %s", path, error)
+                            told = True
+                        await asyncio.sleep(every)
+                        continue
+                break
 
     async def close(self) -> None:
         if self._session is not None:

@@ -75,9 +75,16 @@ def kubectl(config: Path, *args: str, input: str | None = None, check: bool = Tr
 
 
 class Session:
-    def __init__(self, root: Path, *, progress_interval: float = 0.5, kueue: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        progress_interval: float = 0.5,
+        kueue: bool = True,
+        kubelet_args: list[str] | None = None,
+    ):
         self.root = root
-        self.plane = ControlPlane(root / "cluster", kueue=kueue)
+        self.plane = ControlPlane(root / "cluster", kueue=kueue, kubelet_args=kubelet_args or [])
         self.progress_interval = progress_interval
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_logs: list[Path] = []
@@ -90,7 +97,8 @@ class Session:
             self.plane.up()
             self.admin = Kube(self.plane.kubeconfig)
             self.kubectl("apply", "--server-side", "-f", str(CRDS))
-            self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+            # Not `kubectl wait crd --all`: it fails on a CRD whose status is not written yet.
+            wait_for("our CRDs Established", self._established, timeout=60, check=self.plane.check)
             self.kubectl("create", "namespace", OPERATOR_NAMESPACE)
             self.operator_kubeconfig = self._operator_identity()
             self.start_operator()
@@ -98,6 +106,15 @@ class Session:
             self.close()
             raise
         return self
+
+    def _established(self) -> bool:
+        names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in CRDS.glob("*.yaml")]
+        for name in names:
+            crd = self.admin.get("apiextensions.k8s.io/v1", "customresourcedefinitions", None, name)
+            conditions = ((crd or {}).get("status") or {}).get("conditions") or []
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return False
+        return True
 
     def _operator_identity(self) -> Path:
         """The chart's ServiceAccount and RBAC, and a kubeconfig with a token for it."""

@@ -60,6 +60,7 @@ AUDIT_POLICY = {
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
     "rules": [
+        {"level": "None", "userGroups": ["system:serviceaccounts:kueue-system"]},  # Kueue's
         {"level": "Metadata", "userGroups": ["system:serviceaccounts", "system:unauthenticated"]},
         {"level": "None"},
     ],
@@ -168,7 +169,6 @@ def _certs(pki: Path) -> None:
     issue("controller-manager", "system:kube-controller-manager", ("system:masters",))
     issue("scheduler", "system:kube-scheduler")
     issue("kubelet", f"system:node:{NODE}", ("system:nodes",))
-    issue("kueue", "kueue-manager", ("system:masters",))
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     write_key("sa", sa)
     (pki / "sa.pub").write_bytes(
@@ -230,6 +230,7 @@ class ControlPlane:
     dir: Path
     bin: Path | None = None
     kueue: bool = False
+    kubelet_args: list[str] = field(default_factory=list)  # e.g. ["--no-exec"]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -240,6 +241,13 @@ class ControlPlane:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def pod_ip_prefix(self) -> str:
+        """The kubelet's pod addresses are PREFIX.N: unique among the clusters on this machine
+        (their API ports differ)."""
+        port = self.ports["apiserver"]
+        return f"127.{port // 256}.{port % 256}"
 
     def log(self, name: str) -> Path:
         return self.dir / f"{name}.log"
@@ -394,7 +402,6 @@ class ControlPlane:
             from tests.support import kueue
 
             kueue.start(self, bindir, kube)
-        port = self.ports["apiserver"]
         self._start(
             "kubelet",
             [
@@ -405,8 +412,8 @@ class ControlPlane:
                 f"--scheduler-kubeconfig={scheduler}",
                 f"--workdir={self.dir / 'pods'}",
                 f"--node={NODE}",
-                # Pod IPs unique among the clusters on this machine (their API ports differ).
-                f"--ip-prefix=127.{port // 256}.{port % 256}",
+                f"--ip-prefix={self.pod_ip_prefix}",
+                *self.kubelet_args,
             ],
             env={**os.environ, "PYTHONPATH": _pythonpath()},
         )

@@ -10,6 +10,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,7 @@ class Kube:
         timeout: float | None = None,
     ) -> bytes:
         data = (body if isinstance(body, bytes) else json.dumps(body).encode()) if body else None
-        headers = {"Content-Type": ctype, "Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        headers = {"Content-Type": ctype, **self._headers()}
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(
@@ -96,6 +95,32 @@ class Kube:
             raise ApiStatus(
                 error.code, payload.get("reason", ""), payload.get("message", "")
             ) from None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def watch(
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str | None = None,
+        resource_version: str = "",
+        timeout: int = 60,
+    ) -> Iterator[dict[str, Any]]:
+        """A watch's events (``{"type", "object"}``) until the server ends it (``timeout`` s);
+        from ``resource_version``, or with every existing object first as ADDED."""
+        query = {"watch": "1", "timeoutSeconds": str(timeout)}
+        if resource_version:
+            query["resourceVersion"] = resource_version
+        path = f"{self.path(api_version, plural, namespace)}?{urllib.parse.urlencode(query)}"
+        req = urllib.request.Request(self.url + path, headers=self._headers())
+        with urllib.request.urlopen(req, timeout=timeout + 30, context=self.ssl) as response:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
 
     def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> Any:
         try:

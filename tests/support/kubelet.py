@@ -28,6 +28,8 @@ collector removes them, the API server evicts them. This process plays only the 
 - reports pods/status: phase, conditions, containerStatuses with
   ``terminated.exitCode/reason/message`` (the termination message file, or the log tail when it
   is empty and the policy is FallbackToLogsOnError);
+- with ``--no-exec`` (benchmarks) it starts no process and reports every pod Running at
+  ``PREFIX.1``, so a thousand pods cost only their API writes;
 - honours deletion: SIGTERM to the process group, SIGKILL after the pod's grace period, reports
   the terminal status, then deletes the pod with grace 0 (as a kubelet does).
 
@@ -54,6 +56,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,10 +130,17 @@ class Kubelet:
         node: str,
         ip_prefix: str = "127.77",
         poll: float = 0.2,
+        no_exec: bool = False,
     ):
         self.kube, self.scheduler, self.workdir, self.node = kube, scheduler, workdir, node
         self.ip_prefix = ip_prefix  # 127.A.B: each cluster on this machine its own range
         self.poll = poll
+        # No processes: every pod is reported Running at PREFIX.1 (benchmarks: the control
+        # plane's and the operator's work without a thousand trainers).
+        self.no_exec = no_exec
+        self.faked: set[str] = set()  # pod uids reported Running without a process
+        self.pool = ThreadPoolExecutor(8) if no_exec else None
+        self._pending: list[Future[None]] = []
         self.runs: dict[str, Run] = {}  # pod uid -> run
         self.ips: dict[str, str] = {}  # pod uid -> loopback address
         self.waiting: dict[str, str] = {}  # pod uid -> reason last reported
@@ -202,13 +212,30 @@ class Kubelet:
                 "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
                 "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
             }
-            with contextlib.suppress(ApiStatus):  # gone or bound meanwhile
-                self.scheduler.create(
-                    "v1", "pods", meta["namespace"], binding, sub=f"{meta['name']}/binding"
-                )
+            self._run(self._bind, meta["namespace"], meta["name"], binding)
+        self._drain()
+
+    def _bind(self, namespace: str, name: str, binding: dict[str, Any]) -> None:
+        with contextlib.suppress(ApiStatus):  # gone or bound meanwhile
+            self.scheduler.create("v1", "pods", namespace, binding, sub=f"{name}/binding")
+
+    def _run(self, fn: Any, *args: Any) -> None:
+        """Call ``fn`` now, or on the pool (no-exec mode: many pods at once)."""
+        if self.pool is None:
+            fn(*args)
+        else:
+            self._pending.append(self.pool.submit(fn, *args))
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def sync(self) -> None:
         pods = self.kube.list("v1", "pods", fields=f"spec.nodeName={self.node}")
+        if self.no_exec:
+            self._sync_no_exec(pods)
+            return
         seen = set()
         for pod in pods:
             uid = pod["metadata"]["uid"]
@@ -217,8 +244,8 @@ class Kubelet:
             deleting = bool(pod["metadata"].get("deletionTimestamp"))
             phase = pod.get("status", {}).get("phase")
             if run is None:
-                if deleting:
-                    self._remove(pod)
+                if deleting:  # never started (e.g. CreateContainerConfigError)
+                    self._stop_unstarted(pod)
                 elif phase not in ("Succeeded", "Failed") and uid not in self.init_failed:
                     self._start(pod)
                 continue
@@ -237,6 +264,46 @@ class Kubelet:
                 self._remove(pod)
         for uid in set(self.runs) - seen:  # deleted (force) while we looked away
             self._signal(self.runs.pop(uid), signal.SIGKILL)
+
+    def _sync_no_exec(self, pods: list[dict[str, Any]]) -> None:
+        ip = f"{self.ip_prefix}.1"
+        for pod in pods:
+            uid = pod["metadata"]["uid"]
+            if pod["metadata"].get("deletionTimestamp"):
+                self.faked.discard(uid)
+                self._run(self._stop_unstarted, pod)
+            elif uid not in self.faked and pod.get("status", {}).get("phase") == "Pending":
+                self.faked.add(uid)
+                started = now()
+                container = pod["spec"]["containers"][0]
+                status = {
+                    "phase": "Running",
+                    "hostIP": "127.0.0.1",
+                    "podIP": ip,
+                    "podIPs": [{"ip": ip}],
+                    "startTime": started,
+                    "conditions": [_cond(c) for c in ("Initialized", "Ready", "ContainersReady")],
+                    "containerStatuses": [
+                        _container_status(container, {"running": {"startedAt": started}}, True)
+                    ],
+                }
+                self._run(self._status, pod, status)
+        self._drain()
+
+    def _stop_unstarted(self, pod: dict[str, Any]) -> None:
+        """A deleted pod without a process (never started, or --no-exec) "exits" on SIGTERM
+        (143): a terminal phase first, as a kubelet reports, so the Job controller accounts
+        for it and drops its tracking finalizer (with a podFailurePolicy it waits for one)."""
+        if pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+            container = pod["spec"]["containers"][0]
+            terminated = {"exitCode": 143, "reason": "Error", "finishedAt": now()}
+            status = {
+                "phase": "Failed",
+                "conditions": [_cond("Ready", "False", "PodFailed")],
+                "containerStatuses": [_container_status(container, {"terminated": terminated})],
+            }
+            self._status(pod, status)
+        self._remove(pod)
 
     def _remove(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
@@ -671,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--node", required=True)
     parser.add_argument("--ip-prefix", default="127.77", help="pod IPs: PREFIX.2-254 (127.A.B)")
+    parser.add_argument("--poll", type=float, default=0.2, help="seconds between syncs")
+    parser.add_argument(
+        "--no-exec", action="store_true", help="start no process: report pods Running at PREFIX.1"
+    )
     args = parser.parse_args(argv)
     kubelet = Kubelet(
         Kube(args.kubeconfig),
@@ -678,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir,
         args.node,
         args.ip_prefix,
+        poll=args.poll,
+        no_exec=args.no_exec,
     )
     signal.signal(signal.SIGTERM, lambda *_: kubelet.stopping.set())
     print(json.dumps({"node": args.node, "workdir": str(args.workdir)}), flush=True)

@@ -1,6 +1,8 @@
-"""Kueue on the test cluster (``dev-cluster.sh up DIR kueue``): its CRDs and webhook
-configuration from the built module version, its internal cert rotation, and its webhooks
-reachable on loopback.
+"""Kueue on the test cluster (``dev-cluster.sh up DIR kueue``): its CRDs, webhook
+configuration and RBAC from the built module version, its internal cert rotation, and its
+webhooks reachable on loopback. Kueue runs as its own ServiceAccount
+(``kueue-system/kueue-controller-manager``, a TokenRequest token) with the ClusterRole and Role
+of its release manifests, not as an admin.
 
 The webhook Service is an ExternalName ``localhost``: the API server then calls
 ``https://localhost:PORT`` while checking the certificate against
@@ -40,8 +42,74 @@ def _apply(kube: Kube, api_version: str, plural: str, ns: str | None, obj: dict[
     kube.request("PATCH", path, obj, "application/apply-patch+yaml")
 
 
+# The manager's RBAC from Kueue's release manifests (config/components/rbac), as its kustomization
+# names them: everything Kueue itself needs; leader election is off, MultiKueue unused.
+RBAC_FILES = [
+    "service_account.yaml",
+    "role.yaml",
+    "role_binding.yaml",
+    "manager_secrets_role.yaml",
+    "manager_secrets_role_binding.yaml",
+]
+PREFIX = "kueue-"
+
+
+def rbac(config_dir: Path) -> list[dict[str, Any]]:
+    """The manager's ServiceAccount, ClusterRole, Role and bindings, with the names and
+    namespace that Kueue's kustomization (``namePrefix: kueue-``, ``namespace: kueue-system``)
+    gives them."""
+    docs = []
+    for name in RBAC_FILES:
+        for doc in yaml.safe_load_all((config_dir / "rbac" / name).read_text()):
+            if not doc:
+                continue
+            meta = doc["metadata"]
+            meta["name"] = PREFIX + meta["name"]
+            if "namespace" in meta:
+                meta["namespace"] = NAMESPACE
+            if "roleRef" in doc:
+                doc["roleRef"]["name"] = PREFIX + doc["roleRef"]["name"]
+            for subject in doc.get("subjects", []):
+                subject.update(name=PREFIX + subject["name"], namespace=NAMESPACE)
+            docs.append(doc)
+    return docs
+
+
+_PLURAL = {
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "ClusterRole": ("rbac.authorization.k8s.io/v1", "clusterroles"),
+    "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", "clusterrolebindings"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+}
+
+
+def _identity(plane: ControlPlane, config_dir: Path, kube: Kube) -> Path:
+    """Kueue's own ServiceAccount and roles, and a kubeconfig with a token for it."""
+    from tests.support.controlplane import kubeconfig
+
+    account = ""
+    for doc in rbac(config_dir):
+        api_version, plural = _PLURAL[doc["kind"]]
+        _apply(kube, api_version, plural, doc["metadata"].get("namespace"), doc)
+        if doc["kind"] == "ServiceAccount":
+            account = doc["metadata"]["name"]
+    request = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"expirationSeconds": 24 * 3600},
+    }
+    token = kube.create("v1", "serviceaccounts", NAMESPACE, request, sub=f"{account}/token")
+    return kubeconfig(
+        plane.dir / "kueue.kubeconfig",
+        plane.server,
+        plane.dir / "pki" / "ca.crt",
+        token=token["status"]["token"],
+    )
+
+
 def start(plane: ControlPlane, bindir: Path, kube: Kube) -> None:
-    from tests.support.controlplane import free_port, kubeconfig
+    from tests.support.controlplane import free_port
 
     config_dir = bindir / "kueue-config"
     port, health, metrics = free_port(), free_port(), free_port()
@@ -118,14 +186,7 @@ def start(plane: ControlPlane, bindir: Path, kube: Kube) -> None:
         "integrations": {"frameworks": ["batch/job"]},
     }
     (plane.dir / "kueue.yaml").write_text(yaml.safe_dump(config))
-    pki = plane.dir / "pki"
-    kueue_config = kubeconfig(
-        plane.dir / "kueue.kubeconfig",
-        plane.server,
-        pki / "ca.crt",
-        cert=pki / "kueue.crt",
-        key=pki / "kueue.key",
-    )
+    kueue_config = _identity(plane, config_dir, kube)
     plane._start(
         "kueue",
         [
@@ -174,8 +235,8 @@ def start(plane: ControlPlane, bindir: Path, kube: Kube) -> None:
     }
     while True:
         try:
-            path = Kube.path("kueue.x-k8s.io/v1beta2", "resourceflavors", None) + "?dryRun=All"
-            kube.request("POST", path, probe)
+            dry_run = Kube.path("kueue.x-k8s.io/v1beta2", "resourceflavors", None) + "?dryRun=All"
+            kube.request("POST", dry_run, probe)
             return
         except ApiStatus:
             if time.monotonic() > deadline:
