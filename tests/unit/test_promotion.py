@@ -14,7 +14,7 @@ from kubetune import api, manifests, promotion, registry, render
 from kubetune import status as st
 from kubetune_trainer.report import termination_message
 from tests.support import trainer_runs
-from tests.support.operator_harness import ROOT
+from tests.support.cluster import ROOT
 
 NOW = "2026-12-01T12:00:00Z"
 

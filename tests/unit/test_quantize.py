@@ -14,7 +14,7 @@ from kubetune import api, manifests
 from kubetune import status as st
 from kubetune_trainer.quantize import Measured, Outcome, format_table, report_section, status_rows
 from kubetune_trainer.report import termination_message
-from tests.support.operator_harness import ROOT
+from tests.support.cluster import ROOT
 
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 SPEC = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0].spec

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from kubetune import api, manifests
 from kubetune import status as st
 from kubetune_trainer.report import Telemetry, failure_status, termination_message
-from tests.support.operator_harness import ROOT
+from tests.support.cluster import ROOT
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
 SPEC = manifests.load_file(ROOT / "examples" / "lora-s3.yaml").jobs[0].spec
