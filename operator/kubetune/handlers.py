@@ -337,12 +337,16 @@ class Operator:
         now, old = _now(), _stored_status(status)
         spec = job.spec
         assert spec.staging is not None
-        kind = old.staging.kind if old.staging else await self.engine_kind()
-        engine_version = "apps/v1" if kind == "Deployment" else "serving.kserve.io/v1beta1"
-        child = staging.server_name(name)
+        try:
+            kind = old.staging.kind if old.staging else await self.engine_kind()
+            engine_version = "apps/v1" if kind == "Deployment" else "serving.kserve.io/v1beta1"
+            child = staging.server_name(name)
+            engine = await self.client.get(engine_version, kind, namespace, child)
+            load_name = staging.load_job_name(name)
+            load_job = await self.client.get("batch/v1", "Job", namespace, load_name)
+        except k8s.ApiError as error:
+            raise kopf.TemporaryError(f"staging: {error}", delay=10) from error
         pods = list(indexes["trainer_pods"].get((namespace, name), []))
-        engine = await self.client.get(engine_version, kind, namespace, child)
-        load_job = await self.client.get("batch/v1", "Job", namespace, staging.load_job_name(name))
         problem = staging.engine_problem(staging.engine_pods(pods))
         if staging.deploy_timed_out(spec, old.staging, now):
             for pod in staging.engine_pods(pods)[:1]:

@@ -276,13 +276,21 @@ class Client:
 
     async def serves(self, group_version: str, plural: str) -> bool:
         """API discovery: does the server serve ``plural`` in ``group_version``? (Discovery is
-        open to every authenticated user: no RBAC needed.)"""
+        open to every authenticated user: no RBAC needed; an unknown group is a plain-text
+        404.)"""
+        auth = await self._authenticated()
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        headers = {**auth.headers, "Accept": "application/json", "User-Agent": USER_AGENT}
+        url = f"{auth.server}/apis/{group_version}"
         try:
-            data = await self._request("GET", f"/apis/{group_version}", operation="discovery")
-        except ApiError as error:
-            if error.status in (403, 404, 503):
-                return False
-            raise
+            async with self._session.get(url, headers=headers, ssl=auth.ssl) as response:
+                if response.status != 200:
+                    return False
+                data = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            metrics.api_error("discovery", type(error).__name__)
+            raise ApiError(0, type(error).__name__, str(error)) from error
         names = [r.get("name") for r in (data or {}).get("resources") or []]
         return plural in names
 

@@ -77,5 +77,6 @@ def test_kubetune_run_stages_the_adapter_on_vllm_with_guidellm(tmp_path: Path) -
     assert requests > 0 and errors == 0
     ttft50, ttft95, tok_s, cost = float(row[4]), float(row[5]), float(row[8]), float(row[9])
     assert 0 < ttft50 <= ttft95 and tok_s > 0 and cost > 0
-    assert "gate staging.ttftP95Ms <= 1.2e+05: passed" in out
+    assert "gate staging.ttftP95Ms <= 120000: passed" in out
     assert "gate staging.outputTokensPerSecond >= 0.01: passed" in out
+    assert "promotion: Promoted: 0 evaluation and 2 staging gate(s) passed" in out
