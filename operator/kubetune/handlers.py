@@ -547,10 +547,10 @@ class _QuietTimer(logging.Filter):
     at 10 s = 50 lines/s); failures and everything else still get through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == logging.INFO and record.getMessage() == _TIMER_OK)
+        return not (record.levelno == logging.INFO and record.getMessage() in _TIMER_OK)
 
 
-_TIMER_OK = "Timer 'refresh' succeeded."
+_TIMER_OK = ("Timer 'refresh' succeeded.", "Timer 'stage' succeeded.")
 
 
 def run(config: Settings, namespace: str | None = None) -> int:

@@ -498,7 +498,12 @@ class Kubelet:
             for inside, outside in sorted(mounts.items(), key=lambda m: -len(m[0])):
                 if value == inside or value.startswith(inside + "/"):
                     return outside + value[len(inside) :]
-                value = value.replace("=" + inside + "/", "=" + outside + "/")
+            # KEY=/mount/path forms, in one pass: a rewritten path that starts with another
+            # mount's path (/tmp/...) must not be rewritten again.
+            if mounts:
+                insides = sorted(mounts, key=len, reverse=True)
+                pattern = "=(" + "|".join(re.escape(i) for i in insides) + ")/"
+                value = re.sub(pattern, lambda m: "=" + mounts[m.group(1)] + "/", value)
             if "." in value and not peers:
                 peers.extend(self.scheduler.list("v1", "pods", ns))  # the node may not
                 services.extend(self.scheduler.list("v1", "services", ns))
