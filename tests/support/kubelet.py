@@ -308,6 +308,7 @@ class Kubelet:
     def _remove(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         self.runs.pop(meta["uid"], None)
+        Path(f"/tmp/kt-{meta['uid'][:12]}").unlink(missing_ok=True)  # the short TMPDIR link
         body = {
             "kind": "DeleteOptions",
             "apiVersion": "v1",
@@ -554,6 +555,13 @@ class Kubelet:
                     env[item["name"]] = (meta.get(match.group(1)) or {}).get(match.group(2), "")
                 else:
                     env[item["name"]] = fields.get(path, "")
+        if len(env.get("TMPDIR", "")) > 40:
+            # Unix socket paths (vLLM's ZMQ sockets live in TMPDIR) are limited to ~107 bytes:
+            # a short link to the pod's temp dir, as a real pod's /tmp is short.
+            link = Path("/tmp") / f"kt-{meta['uid'][:12]}"
+            if not link.exists():
+                link.symlink_to(env["TMPDIR"])
+            env["TMPDIR"] = str(link)
         termination = container.get("terminationMessagePath", "/dev/termination-log")
         env.update(
             KUBETUNE_METRICS_HOST=self.ip(meta["uid"]),
