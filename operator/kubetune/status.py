@@ -260,12 +260,12 @@ def condition(status: api.FineTuneJobStatus, type_: str) -> api.Condition | None
 # entry points for the handlers
 
 
-def invalid(errors: list[str], *, generation: int | None, now: datetime) -> api.FineTuneJobStatus:
-    """Status of a FineTuneJob whose spec the operator refuses: terminal, no children."""
-    message = "invalid spec: " + "; ".join(errors)
+def _refused(
+    reason: str, message: str, *, generation: int | None, now: datetime
+) -> api.FineTuneJobStatus:
     conditions = Conditions([], now=now, generation=generation)
-    conditions.set(VALIDATED, "False", SPEC_INVALID, message)
-    conditions.set(FAILED, "True", SPEC_INVALID, message)
+    conditions.set(VALIDATED, "False", reason, message)
+    conditions.set(FAILED, "True", reason, message)
     return api.FineTuneJobStatus(
         phase="Failed",
         observedGeneration=generation,
@@ -273,6 +273,12 @@ def invalid(errors: list[str], *, generation: int | None, now: datetime) -> api.
         completionTime=rfc3339(now),
         message=_clip(message),
     )
+
+
+def invalid(errors: list[str], *, generation: int | None, now: datetime) -> api.FineTuneJobStatus:
+    """Status of a FineTuneJob whose spec the operator refuses: terminal, no children."""
+    message = "invalid spec: " + "; ".join(errors)
+    return _refused(SPEC_INVALID, message, generation=generation, now=now)
 
 
 def does_not_fit(
@@ -280,18 +286,8 @@ def does_not_fit(
 ) -> api.FineTuneJobStatus:
     """Status of a FineTuneJob refused because its plan exceeds its devices: terminal, no
     children, the plan attached (what would fit is in its recommendation)."""
-    message = f"does not fit: {reason}"
-    conditions = Conditions([], now=now, generation=generation)
-    conditions.set(VALIDATED, "False", DOES_NOT_FIT, message)
-    conditions.set(FAILED, "True", DOES_NOT_FIT, message)
-    return api.FineTuneJobStatus(
-        phase="Failed",
-        observedGeneration=generation,
-        conditions=conditions.items,
-        completionTime=rfc3339(now),
-        message=_clip(message),
-        plan=plan,
-    )
+    refused = _refused(DOES_NOT_FIT, f"does not fit: {reason}", generation=generation, now=now)
+    return refused.model_copy(update={"plan": plan})
 
 
 def created(
