@@ -229,17 +229,18 @@ def _mlflow_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
 
 
-def _resources(spec: api.ResourcesSpec) -> dict[str, Any]:
+def resources(gpus: int, cpu: str | None, memory: str | None, gpu_resource: str) -> dict[str, Any]:
+    """A container's requests and limits (the trainer's and the staging engine's)."""
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    if spec.gpus:
+    if gpus:
         # Extended resources: request and limit must be equal.
-        requests[spec.gpuResourceName] = limits[spec.gpuResourceName] = str(spec.gpus)
-    if spec.cpu:
-        requests["cpu"] = spec.cpu
-    if spec.memory:
+        requests[gpu_resource] = limits[gpu_resource] = str(gpus)
+    if cpu:
+        requests["cpu"] = cpu
+    if memory:
         # A memory limit equal to the request: an OOM kill names this pod, not a neighbour.
-        requests["memory"] = limits["memory"] = spec.memory
+        requests["memory"] = limits["memory"] = memory
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -257,7 +258,7 @@ def _pod_spec(spec: api.FineTuneJobSpec, name: str, image: str) -> dict[str, Any
         "command": _command(spec, job_name(name), service_name(name)),
         "env": _env(spec),
         "ports": [{"name": "metrics", "containerPort": api.TRAINER_METRICS_PORT}],
-        "resources": _resources(res),
+        "resources": resources(res.gpus, res.cpu, res.memory, res.gpuResourceName),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},

@@ -196,23 +196,6 @@ def _credentials(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _engine_resources(staging: api.StagingSpec, gpu_resource: str) -> dict[str, Any]:
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if staging.gpus:
-        requests[gpu_resource] = limits[gpu_resource] = str(staging.gpus)
-    if staging.cpu:
-        requests["cpu"] = staging.cpu
-    if staging.memory:
-        requests["memory"] = limits["memory"] = staging.memory
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
-
-
 def _pod_security() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
@@ -223,6 +206,33 @@ def _pod_security() -> dict[str, Any]:
     }
 
 
+def _staging_step(
+    name: str,
+    image: str,
+    args: list[str],
+    spec: api.FineTuneJobSpec,
+    *,
+    mounts: list[dict[str, Any]],
+    result_file: bool = False,
+) -> dict[str, Any]:
+    """A trainer-image container running one `kubetune_trainer.staging` subcommand (fetch,
+    load): non-root, read-only root, credentials only by secretKeyRef; result_file: its
+    termination message is the step's result."""
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "kubetune_trainer.staging", *args],
+        "env": [*copy.deepcopy(_CACHE_ENV), *_credentials(spec)],
+        "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(_SECURITY),
+    }
+    if result_file:
+        container["terminationMessagePath"] = api.TERMINATION_LOG
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    return container
+
+
 def engine_pod(
     job: api.FineTuneJob, served: Served, *, engine_image: str, trainer_image: str
 ) -> dict[str, Any]:
@@ -230,8 +240,7 @@ def engine_pod(
     read-only root filesystem; no API token, credentials only by secretKeyRef."""
     spec, name = job.spec, job.metadata.name
     assert spec.staging is not None
-    fetch_args = ["python", "-m", "kubetune_trainer.staging", "fetch"]
-    fetch_args += ["--config", render.CONFIG_PATH, "--to", MODELS_DIR]
+    fetch_args = ["--config", render.CONFIG_PATH, "--to", MODELS_DIR]
     for folder, uri in sorted(served.sources.items()):
         fetch_args += ["--source", f"{folder}={uri}"]
     mounts = [
@@ -239,19 +248,16 @@ def engine_pod(
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "cache", "mountPath": "/cache"},
     ]
-    fetch = {
-        "name": FETCH_CONTAINER,
-        "image": trainer_image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": fetch_args,
-        "env": [*copy.deepcopy(_CACHE_ENV), *_credentials(spec)],
-        "volumeMounts": [
+    fetch = _staging_step(
+        FETCH_CONTAINER,
+        trainer_image,
+        ["fetch", *fetch_args],
+        spec,
+        mounts=[
             *copy.deepcopy(mounts),
             {"name": "config", "mountPath": render.CONFIG_DIR, "readOnly": True},
         ],
-        "securityContext": copy.deepcopy(_SECURITY),
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
+    )
     engine = {
         "name": ENGINE_CONTAINER,
         "image": engine_image,
@@ -262,7 +268,9 @@ def engine_pod(
             *copy.deepcopy(_CACHE_ENV),
         ],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-        "resources": _engine_resources(spec.staging, spec.resources.gpuResourceName),
+        "resources": render.resources(
+            spec.staging.gpus, spec.staging.cpu, spec.staging.memory, spec.resources.gpuResourceName
+        ),
         "readinessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": 5,
@@ -368,24 +376,20 @@ def render_load_job(
     spec, name = job.spec, job.metadata.name
     assert spec.staging is not None
     namespace = job.metadata.namespace or "default"
-    command = ["python", "-m", "kubetune_trainer.staging", "load", "--config"]
-    command += [render.CONFIG_PATH, "--target", target, "--model", SERVED_MODEL]
-    command += ["--tokenizer", tokenizer]
-    container = {
-        "name": LOAD_CONTAINER,
-        "image": trainer_image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": command,
-        "env": [*copy.deepcopy(_CACHE_ENV), *_credentials(spec)],
-        "volumeMounts": [
+    command = ["load", "--config", render.CONFIG_PATH, "--target", target]
+    command += ["--model", SERVED_MODEL, "--tokenizer", tokenizer]
+    container = _staging_step(
+        LOAD_CONTAINER,
+        trainer_image,
+        command,
+        spec,
+        mounts=[
             {"name": "config", "mountPath": render.CONFIG_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
         ],
-        "securityContext": copy.deepcopy(_SECURITY),
-        "terminationMessagePath": api.TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
+        result_file=True,
+    )
     pod = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
