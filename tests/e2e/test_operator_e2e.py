@@ -22,24 +22,17 @@ import pytest
 import yaml
 
 from tests.support import s3 as s3_support
-from tests.support.cluster import ROOT, Cluster
+from tests.support.cluster import DATASET, Cluster, demo_bucket
 from tests.support.crd_schema import schema_errors
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
-DEMO_MODEL = ROOT / "examples" / "demo-model"
-DATASET = ROOT / "examples" / "data" / "quickstart.jsonl"
-
 
 @pytest.fixture(scope="module")
 def bucket(s3_server: str) -> str:
-    """A bucket with the demo model under model/ and the quickstart data under data/."""
-    name = s3_support.new_bucket(s3_server)
+    """demo_bucket, plus data/bad.jsonl: the quickstart rows with one that has no output."""
+    name = demo_bucket(s3_server)
     client = s3_support.client(s3_server)
-    for path in DEMO_MODEL.iterdir():
-        if path.is_file():
-            client.upload_file(str(path), name, f"model/{path.name}")
-    client.upload_file(str(DATASET), name, "data/train.jsonl")
     rows = DATASET.read_text().splitlines()
     client.put_object(
         Bucket=name,
@@ -52,17 +45,7 @@ def bucket(s3_server: str) -> str:
 @pytest.fixture
 def ns(cluster: Cluster) -> Iterator[Cluster]:
     """The test's namespace with the S3 credentials Secret the FineTuneJobs reference."""
-    cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-credentials", "namespace": cluster.ns},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_support.TEST_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": s3_support.TEST_SECRET,
-            },
-        }
-    )
+    cluster.s3_credentials()
     yield cluster
 
 

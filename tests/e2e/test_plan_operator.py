@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from kubetune import plan
-from tests.e2e.test_operator_e2e import DEMO_MODEL, manifest
+from tests.e2e.test_operator_e2e import manifest
 from tests.support import s3 as s3_support
-from tests.support.cluster import Cluster
+from tests.support.cluster import DEMO_MODEL, Cluster
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

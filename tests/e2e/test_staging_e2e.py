@@ -19,42 +19,22 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import s3 as s3_support
-from tests.support.cluster import ROOT, Cluster
+from tests.support.cluster import Cluster, demo_bucket
 from tests.support.kubelet import VLLM_BIN
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
-
-DEMO_MODEL = ROOT / "examples" / "demo-model"
-DATASET = ROOT / "examples" / "data" / "quickstart.jsonl"
 
 
 @pytest.fixture(scope="module")
 def bucket(s3_server: str) -> str:
     if not (VLLM_BIN / "vllm").exists():
         pytest.fail(f"error: {VLLM_BIN}/vllm not found: run scripts/install-vllm.sh", False)
-    name = s3_support.new_bucket(s3_server)
-    client = s3_support.client(s3_server)
-    for path in DEMO_MODEL.iterdir():
-        if path.is_file():
-            client.upload_file(str(path), name, f"model/{path.name}")
-    client.upload_file(str(DATASET), name, "data/train.jsonl")
-    return name
+    return demo_bucket(s3_server)
 
 
 @pytest.fixture
 def ns(cluster: Cluster) -> Iterator[Cluster]:
-    cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-credentials", "namespace": cluster.ns},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_support.TEST_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": s3_support.TEST_SECRET,
-            },
-        }
-    )
+    cluster.s3_credentials()
     yield cluster
 
 

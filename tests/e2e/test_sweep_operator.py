@@ -17,9 +17,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import sweep, sweep_api
-from tests.e2e.test_operator_e2e import DATASET, DEMO_MODEL, manifest
-from tests.support import s3 as s3_support
-from tests.support.cluster import Cluster
+from tests.e2e.test_operator_e2e import manifest
+from tests.support.cluster import Cluster, demo_bucket
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -30,13 +29,7 @@ LONG = 60  # steps of the trials that run long enough to be seen mid-run
 
 @pytest.fixture(scope="module")
 def bucket(s3_server: str) -> str:
-    name = s3_support.new_bucket(s3_server)
-    client = s3_support.client(s3_server)
-    for path in DEMO_MODEL.iterdir():
-        if path.is_file():
-            client.upload_file(str(path), name, f"model/{path.name}")
-    client.upload_file(str(DATASET), name, "data/train.jsonl")
-    return name
+    return demo_bucket(s3_server)
 
 
 def sweep_manifest(bucket: str, endpoint: str, namespace: str) -> dict[str, Any]:
@@ -106,17 +99,7 @@ def sweep_series(cluster: Cluster) -> dict[tuple[str, str], float]:
 def test_sweep_runs_prunes_survives_a_restart_and_deletes_its_trials(
     cluster: Cluster, bucket: str, s3_server: str
 ) -> None:
-    cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-credentials", "namespace": cluster.ns},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_support.TEST_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": s3_support.TEST_SECRET,
-            },
-        }
-    )
+    cluster.s3_credentials()
     cluster.apply(sweep_manifest(bucket, s3_server, cluster.ns))
     cluster.wait_for("two trials", lambda: len(trials(cluster)) == 2, timeout=60)
     cluster.wait_for("the status", lambda: sweep_status(cluster).get("running") == 2, timeout=30)

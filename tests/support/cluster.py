@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import yaml
 
 from tests.support import helm_chart, kubelet
+from tests.support import s3 as s3_support
 from tests.support.controlplane import ClusterError, ControlPlane, free_port, kubeconfig
 from tests.support.kube import ApiStatus, Kube
 from tests.support.tools import binary
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 FTJ = "kubetune.io/v1alpha1"
 OPERATOR_NAMESPACE = helm_chart.NAMESPACE
+DEMO_MODEL = ROOT / "examples" / "demo-model"
+DATASET = ROOT / "examples" / "data" / "quickstart.jsonl"
 T = TypeVar("T")
 
 
@@ -57,6 +60,18 @@ def wait_for(
             return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def demo_bucket(endpoint: str) -> str:
+    """A new bucket with the demo model under model/ and the quickstart data at
+    data/train.jsonl: what the end-to-end FineTuneJobs train on."""
+    name = s3_support.new_bucket(endpoint)
+    client = s3_support.client(endpoint)
+    for path in DEMO_MODEL.iterdir():
+        if path.is_file():
+            client.upload_file(str(path), name, f"model/{path.name}")
+    client.upload_file(str(DATASET), name, "data/train.jsonl")
+    return name
 
 
 def kubectl(config: Path, *args: str, input: str | None = None, check: bool = True) -> str:
@@ -293,6 +308,21 @@ class Cluster:
     def apply(self, doc: dict[str, Any] | str) -> str:
         text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
         return self.kubectl("apply", "-f", "-", input=text)
+
+    def s3_credentials(self) -> None:
+        """The Secret `s3-credentials` (the moto server's test keys) that FineTuneJobs on
+        :func:`demo_bucket` reference."""
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "s3-credentials", "namespace": self.ns},
+                "stringData": {
+                    "AWS_ACCESS_KEY_ID": s3_support.TEST_KEY_ID,
+                    "AWS_SECRET_ACCESS_KEY": s3_support.TEST_SECRET,
+                },
+            }
+        )
 
     def ftj(self, name: str) -> dict[str, Any] | None:
         result: dict[str, Any] | None = self.kube.get(FTJ, "finetunejobs", self.ns, name)
