@@ -1,7 +1,8 @@
 """Write a small model folder (config.json, tokenizer.json, safetensors) as a GGUF file, the
 way llama.cpp's converter lays out a Llama: F32 tensors under GGUF names, q/k rows permuted
 for its rotary layout, a gpt2-style BPE tokenizer with its chat template. Used to test
-GGUF model sources without a download (the demo model is Llama-architecture)."""
+GGUF model sources without a download (the demo model is Llama-architecture). Tensor names
+and the q/k layout are the trainer's GGUF export's (kubetune_trainer.quantize)."""
 
 from __future__ import annotations
 
@@ -10,28 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
-    # llama.cpp stores q and k with each head's rotary halves interleaved; transformers undoes it
-    rows = weight.shape[0]
-    return (
-        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
-
-
-_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
+from kubetune_trainer.quantize import gguf_tensor_name, rotary_rows
 
 
 def write_llama_gguf(model_dir: Path, out: Path, *, architecture: str = "llama") -> Path:
@@ -69,22 +49,13 @@ def write_llama_gguf(model_dir: Path, out: Path, *, architecture: str = "llama")
         writer.add_chat_template(template.read_text())
     weights = load_file(str(next(model_dir.glob("*.safetensors"))))
     for name, tensor in weights.items():
-        if name == "model.embed_tokens.weight":
-            gguf_name = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gguf_name = "output_norm.weight"
-        elif name == "lm_head.weight":
-            if config.get("tie_word_embeddings"):
-                continue
-            gguf_name = "output.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module = rest.rsplit(".", 1)[0]
-            gguf_name = f"blk.{layer}.{_NAMES[module]}.weight"
-            if module == "self_attn.q_proj":
-                tensor = _permute(tensor, heads)
-            elif module == "self_attn.k_proj":
-                tensor = _permute(tensor, kv_heads)
+        gguf_name = gguf_tensor_name(name, config)
+        if gguf_name is None:
+            continue
+        if name.endswith("self_attn.q_proj.weight"):
+            tensor = rotary_rows(tensor, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            tensor = rotary_rows(tensor, kv_heads)
         writer.add_tensor(gguf_name, np.ascontiguousarray(tensor, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -418,7 +418,7 @@ _GGUF_NAMES = {
 }
 
 
-def _rotary_rows(weight: Any, heads: int) -> Any:
+def rotary_rows(weight: Any, heads: int) -> Any:
     # llama.cpp keeps q/k rows with each head's two rotary halves interleaved; transformers'
     # loader undoes exactly this on the way back.
     rows = weight.shape[0]
@@ -429,7 +429,8 @@ def _rotary_rows(weight: Any, heads: int) -> Any:
     )
 
 
-def _gguf_name(name: str, config: dict[str, Any]) -> str | None:
+def gguf_tensor_name(name: str, config: dict[str, Any]) -> str | None:
+    """A transformers Llama tensor's GGUF name; None: not stored (a tied lm_head)."""
     if name == "model.embed_tokens.weight":
         return "token_embd.weight"
     if name == "model.norm.weight":
@@ -533,14 +534,14 @@ def write_gguf(model_dir: Path, out: Path, tensor_type: str) -> Path:
     for shard in sorted(model_dir.glob("*.safetensors")):
         weights.update(load_file(str(shard)))
     for name, tensor in weights.items():
-        gguf_name = _gguf_name(name, config)
+        gguf_name = gguf_tensor_name(name, config)
         if gguf_name is None:
             continue
         data = np.ascontiguousarray(tensor, dtype=np.float32)
         if name.endswith("self_attn.q_proj.weight"):
-            data = _rotary_rows(data, heads)
+            data = rotary_rows(data, heads)
         elif name.endswith("self_attn.k_proj.weight"):
-            data = _rotary_rows(data, kv_heads)
+            data = rotary_rows(data, kv_heads)
         if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             if data.shape[-1] % block:
                 raise CannotProduce(
