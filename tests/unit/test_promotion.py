@@ -13,7 +13,7 @@ import pytest
 from kubetune import api, manifests, promotion, registry, render
 from kubetune import status as st
 from kubetune_trainer.report import termination_message
-from tests.support import trainer_runs
+from tests.support import trainer_pod, trainer_runs
 from tests.support.cluster import ROOT
 
 NOW = "2026-12-01T12:00:00Z"
@@ -281,36 +281,13 @@ def test_promotion_travels_compact_and_the_operator_fills_it_back() -> None:
     )
     sent = json.loads(text)["promotion"]
     assert "artifacts" not in sent and "gates" not in sent
+    job, pods = trainer_pod.ended(text)
     status = st.compute(
         previous=api.FineTuneJobStatus(jobName="x-trainer", phase="Running"),
         generation=1,
         spec=spec(),
-        job={
-            "metadata": {"name": "x-trainer"},
-            "spec": {},
-            "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
-        },
-        pods=[
-            {
-                "metadata": {"creationTimestamp": "2026-12-01T11:00:00Z"},
-                "spec": {"containers": [{"name": "trainer"}]},
-                "status": {
-                    "phase": "Succeeded",
-                    "containerStatuses": [
-                        {
-                            "name": "trainer",
-                            "state": {
-                                "terminated": {
-                                    "exitCode": 0,
-                                    "reason": "Completed",
-                                    "message": text,
-                                }
-                            },
-                        }
-                    ],
-                },
-            }
-        ],
+        job=job,
+        pods=pods,
         live=None,
         now=datetime(2026, 12, 1, 12, tzinfo=UTC),
     )
@@ -397,38 +374,13 @@ def test_a_failed_registry_step_keeps_the_trained_results_in_the_status() -> Non
     )
     done = promotion.failed(decided, f"output.registry.mlflow: {error}")
     final = failed_status(trained.model_copy(update={"promotion": done}), error)
-    text = termination_message(final)
+    job, pods = trainer_pod.ended(termination_message(final), exit_code=11)
     status = st.compute(
         previous=api.FineTuneJobStatus(jobName="x-trainer", phase="Running"),
         generation=1,
         spec=spec(),
-        job={
-            "metadata": {"name": "x-trainer"},
-            "spec": {},
-            "status": {
-                "failed": 4,
-                "conditions": [
-                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
-                ],
-            },
-        },
-        pods=[
-            {
-                "metadata": {"creationTimestamp": "2026-12-01T11:00:00Z"},
-                "spec": {"containers": [{"name": "trainer"}]},
-                "status": {
-                    "phase": "Failed",
-                    "containerStatuses": [
-                        {
-                            "name": "trainer",
-                            "state": {
-                                "terminated": {"exitCode": 11, "reason": "Error", "message": text}
-                            },
-                        }
-                    ],
-                },
-            }
-        ],
+        job=job,
+        pods=pods,
         live=None,
         now=datetime(2026, 12, 1, 12, tzinfo=UTC),
     )

@@ -14,6 +14,7 @@ from kubetune import api, manifests
 from kubetune import status as st
 from kubetune_trainer.quantize import Measured, Outcome, format_table, report_section, status_rows
 from kubetune_trainer.report import termination_message
+from tests.support import trainer_pod
 from tests.support.cluster import ROOT
 
 NOW = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
@@ -137,36 +138,13 @@ def test_the_operator_copies_the_rows_from_the_termination_message() -> None:
     )
     body = json.loads(text)
     body["quantized"].append({"format": "int8", "sizeBytes": -1})  # malformed: left out
-    job = {
-        "metadata": {"name": "x-trainer"},
-        "spec": {},
-        "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
-    }
-    pod = {
-        "metadata": {"creationTimestamp": "2026-12-01T11:00:00Z"},
-        "spec": {"containers": [{"name": "trainer"}]},
-        "status": {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "trainer",
-                    "state": {
-                        "terminated": {
-                            "exitCode": 0,
-                            "reason": "Completed",
-                            "message": json.dumps(body),
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    job, pods = trainer_pod.ended(json.dumps(body))
     new = st.compute(
         previous=api.FineTuneJobStatus(jobName="x-trainer", phase="Running"),
         generation=1,
         spec=SPEC,
         job=job,
-        pods=[pod],
+        pods=pods,
         live=None,
         now=NOW,
     )
