@@ -180,6 +180,26 @@ def _command(spec: api.FineTuneJobSpec, job: str, service: str) -> list[str]:
     ]
 
 
+def s3_credentials_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The S3 credentials as env from storage.s3.credentialsSecret (the trainer's and the
+    staging containers'); only references: the values stay in the Secret, never in the Job
+    or the ConfigMap."""
+    secret = spec.storage.s3.credentialsSecret
+    if not secret:
+        return []
+    env: list[dict[str, Any]] = []
+    for key, optional in (
+        ("AWS_ACCESS_KEY_ID", False),
+        ("AWS_SECRET_ACCESS_KEY", False),
+        ("AWS_SESSION_TOKEN", True),
+    ):
+        ref: dict[str, Any] = {"name": secret, "key": key}
+        if optional:
+            ref["optional"] = True
+        env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
 def _env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         # The root filesystem is read-only: every cache goes to the emptyDir at /cache.
@@ -198,19 +218,7 @@ def _env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
                 "valueFrom": {"fieldRef": {"fieldPath": _INDEX_FIELD}},
             }
         )
-    secret = spec.storage.s3.credentialsSecret
-    if secret:
-        # Only references: the values stay in the Secret, never in the Job or the ConfigMap.
-        for key, optional in (
-            ("AWS_ACCESS_KEY_ID", False),
-            ("AWS_SECRET_ACCESS_KEY", False),
-            ("AWS_SESSION_TOKEN", True),
-        ):
-            ref: dict[str, Any] = {"name": secret, "key": key}
-            if optional:
-                ref["optional"] = True
-            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
-    return env + _mlflow_env(spec)
+    return env + s3_credentials_env(spec) + _mlflow_env(spec)
 
 
 def _mlflow_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:

@@ -179,23 +179,6 @@ _CACHE_ENV: list[dict[str, Any]] = [
 ]
 
 
-def _credentials(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
-    secret = spec.storage.s3.credentialsSecret
-    if not secret:
-        return []
-    env: list[dict[str, Any]] = []
-    for key, optional in (
-        ("AWS_ACCESS_KEY_ID", False),
-        ("AWS_SECRET_ACCESS_KEY", False),
-        ("AWS_SESSION_TOKEN", True),
-    ):
-        ref: dict[str, Any] = {"name": secret, "key": key}
-        if optional:
-            ref["optional"] = True
-        env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
-    return env
-
-
 def _pod_security() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
@@ -223,7 +206,7 @@ def _staging_step(
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "kubetune_trainer.staging", *args],
-        "env": [*copy.deepcopy(_CACHE_ENV), *_credentials(spec)],
+        "env": [*copy.deepcopy(_CACHE_ENV), *render.s3_credentials_env(spec)],
         "volumeMounts": mounts,
         "securityContext": copy.deepcopy(_SECURITY),
     }
