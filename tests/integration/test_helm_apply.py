@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.cluster import established, wait_for
 from tests.support.controlplane import ControlPlane
 from tests.support.helm_chart import CHART, CI_VALUES, NAMESPACE, ROOT, render
 from tests.support.kube import Kube
@@ -78,6 +79,10 @@ class Cluster:
         done = self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()
+
+    def wait_established(self, crds: list[dict[str, Any]]) -> None:
+        names = [crd["metadata"]["name"] for crd in crds]
+        wait_for("the CRDs Established", lambda: established(self.kube, names), timeout=30)
 
 
 @pytest.fixture
@@ -144,8 +149,7 @@ def test_rendered_chart_applies_and_reapplies_unchanged(cluster: Cluster, values
     crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
     rest = [o for o in objects if o["kind"] != "CustomResourceDefinition"]
     first = cluster.apply(crds)
-    waited = cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
-    assert waited.returncode == 0, waited.stderr
+    cluster.wait_established(crds)
     first += cluster.apply(rest)
     assert len(first) == len(objects)
     assert all(line.endswith(" created") for line in first), first
@@ -167,10 +171,10 @@ def test_rendered_chart_applies_and_reapplies_unchanged(cluster: Cluster, values
 def test_the_charts_crd_serves_finetunejobs_to_kubectl(cluster: Cluster) -> None:
     objects = render(CHART / "ci" / "namespaced-values.yaml", include_crds=True)
     cluster.apply(namespaces(NAMESPACE, "ml-team"))
-    cluster.apply([o for o in objects if o["kind"] == "CustomResourceDefinition"])
+    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+    cluster.apply(crds)
     # A real API server serves a new CRD only once it is Established.
-    waited = cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
-    assert waited.returncode == 0, waited.stderr
+    cluster.wait_established(crds)
     example = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     example["metadata"]["namespace"] = "ml-team"
     assert cluster.apply([example]) == ["finetunejob.kubetune.io/quickstart created"]

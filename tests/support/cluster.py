@@ -62,6 +62,17 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
+def established(kube: Kube, names: list[str]) -> bool:
+    """Whether every named CRD is Established. Not `kubectl wait crd --all`: it fails on a CRD
+    whose status is not written yet instead of waiting for it."""
+    for name in names:
+        crd = kube.get("apiextensions.k8s.io/v1", "customresourcedefinitions", None, name)
+        conditions = ((crd or {}).get("status") or {}).get("conditions") or []
+        if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+            return False
+    return True
+
+
 def demo_bucket(endpoint: str) -> str:
     """A new bucket with the demo model under model/ and the quickstart data at
     data/train.jsonl: what the end-to-end FineTuneJobs train on."""
@@ -112,7 +123,6 @@ class Session:
             self.plane.up()
             self.admin = Kube(self.plane.kubeconfig)
             self.kubectl("apply", "--server-side", "-f", str(CRDS))
-            # Not `kubectl wait crd --all`: it fails on a CRD whose status is not written yet.
             wait_for("our CRDs Established", self._established, timeout=60, check=self.plane.check)
             self.kubectl("create", "namespace", OPERATOR_NAMESPACE)
             self.operator_kubeconfig = self._operator_identity()
@@ -124,12 +134,7 @@ class Session:
 
     def _established(self) -> bool:
         names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in CRDS.glob("*.yaml")]
-        for name in names:
-            crd = self.admin.get("apiextensions.k8s.io/v1", "customresourcedefinitions", None, name)
-            conditions = ((crd or {}).get("status") or {}).get("conditions") or []
-            if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
-                return False
-        return True
+        return established(self.admin, names)
 
     def _operator_identity(self) -> Path:
         """The chart's ServiceAccount and RBAC, and a kubeconfig with a token for it."""
