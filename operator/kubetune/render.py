@@ -237,6 +237,26 @@ def _mlflow_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
 
 
+def container_security() -> dict[str, Any]:
+    """Every container we render: non-root, read-only root filesystem, no capabilities."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def pod_security(user: int, *, fs_group: bool = True) -> dict[str, Any]:
+    """A pod's securityContext: ``user`` for uid and gid (and the volumes' group, unless the
+    pod mounts nothing it must share)."""
+    out: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": user, "runAsGroup": user}
+    if fs_group:
+        out["fsGroup"] = user
+    out["seccompProfile"] = {"type": "RuntimeDefault"}
+    return out
+
+
 def resources(gpus: int, cpu: str | None, memory: str | None, gpu_resource: str) -> dict[str, Any]:
     """A container's requests and limits (the trainer's and the staging engine's)."""
     requests: dict[str, str] = {}
@@ -273,12 +293,7 @@ def _pod_spec(spec: api.FineTuneJobSpec, name: str, image: str) -> dict[str, Any
             {"name": "cache", "mountPath": "/cache"},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security(),
         # The trainer writes its final result there; on a crash the log tail is used instead.
         "terminationMessagePath": api.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -289,13 +304,7 @@ def _pod_spec(spec: api.FineTuneJobSpec, name: str, image: str) -> dict[str, Any
         "restartPolicy": "Never",  # required by podFailurePolicy; the Job makes new pods
         "automountServiceAccountToken": False,  # the trainer never talks to the API server
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security(RUN_AS),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},
@@ -453,24 +462,14 @@ def promote_job(
         "env": [{"name": "HOME", "value": "/tmp"}, *_mlflow_env(spec)],
         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security(RUN_AS, fs_group=False),
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }

@@ -162,12 +162,6 @@ def lora_rank(spec: api.FineTuneJobSpec) -> int | None:
 # rendering
 
 
-_SECURITY: dict[str, Any] = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-    "capabilities": {"drop": ["ALL"]},
-}
 _CACHE_ENV: list[dict[str, Any]] = [
     {"name": "HOME", "value": "/cache"},
     {"name": "XDG_CACHE_HOME", "value": "/cache"},
@@ -177,16 +171,6 @@ _CACHE_ENV: list[dict[str, Any]] = [
     {"name": "TMPDIR", "value": "/tmp"},
     {"name": "PYTHONUNBUFFERED", "value": "1"},
 ]
-
-
-def _pod_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": ENGINE_USER,
-        "runAsGroup": ENGINE_USER,
-        "fsGroup": ENGINE_USER,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
 
 
 def _staging_step(
@@ -208,7 +192,7 @@ def _staging_step(
         "command": ["python", "-m", "kubetune_trainer.staging", *args],
         "env": [*copy.deepcopy(_CACHE_ENV), *render.s3_credentials_env(spec)],
         "volumeMounts": mounts,
-        "securityContext": copy.deepcopy(_SECURITY),
+        "securityContext": render.container_security(),
     }
     if result_file:
         container["terminationMessagePath"] = api.TERMINATION_LOG
@@ -260,13 +244,13 @@ def engine_pod(
             "failureThreshold": 3,
         },
         "volumeMounts": [*copy.deepcopy(mounts), {"name": "dshm", "mountPath": "/dev/shm"}],
-        "securityContext": copy.deepcopy(_SECURITY),
+        "securityContext": render.container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": _pod_security(),
+        "securityContext": render.pod_security(ENGINE_USER),
         "initContainers": [fetch],
         "containers": [engine],
         "volumes": [
@@ -377,7 +361,7 @@ def render_load_job(
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": _pod_security(),
+        "securityContext": render.pod_security(ENGINE_USER),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": render.config_map_name(name)}},
