@@ -58,6 +58,20 @@ def test_a_gguf_loads_as_the_model_it_was_written_from(demo_gguf: Path, tmp_path
     torch.testing.assert_close(got, want)  # F32 tensors: dequantizing is exact
 
 
+@pytest.mark.parametrize("bars", [True, False])
+def test_the_dequantization_bar_shows_only_where_library_bars_do(
+    demo_gguf: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], bars: bool
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    try:
+        from_gguf(demo_gguf, tmp_path / "plain", api.ModelSpec(source=str(demo_gguf)))
+    finally:
+        hf_logging.enable_progress_bar()
+    assert ("de-quantizing GGUF tensors" in capfd.readouterr().err) is bars
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_gguf_source_trains_and_exports_safetensors(demo_gguf: Path, tmp_path: Path) -> None:

@@ -311,8 +311,8 @@ def load_model(
 
     spec = config.spec
     seed_everything(spec.training.seed)  # before LoRA init
-    model_dir = fetch_model(config, options, workdir)
     library_progress_bars(options.progress is not None)
+    model_dir = fetch_model(config, options, workdir)
     device = model_stage.pick_device()
     tokenizer = model_stage.load_tokenizer(model_dir, spec.model)
     model = model_stage.load_base(model_dir, spec, device)

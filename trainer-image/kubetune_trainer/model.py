@@ -8,9 +8,12 @@ bf16 matmuls are slow and fp16 training needs loss scaling we do not do).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +122,10 @@ def from_gguf(path: Path, dest: Path, spec: api.ModelSpec) -> Path:
     where = f"spec.model.source: {spec.source}"
     architecture = gguf_architecture(path, where)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
+        with gguf_bar_follows_library_bars():
+            loaded = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except ValueError as exc:
         if "not supported" in str(exc):
@@ -139,6 +143,22 @@ def from_gguf(path: Path, dest: Path, spec: api.ModelSpec) -> Path:
     plain.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+@contextmanager
+def gguf_bar_follows_library_bars() -> Iterator[None]:
+    """transformers draws its GGUF dequantization bar with plain tqdm, which ignores its own
+    progress-bar switch: hide it where the other library bars are hidden (pod logs,
+    --no-progress)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=not hf_logging.is_progress_bar_enabled())
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def weights_hash(model_dir: Path) -> str:
