@@ -281,8 +281,20 @@ class DatasetSpec(ApiModel):
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+# The largest LoRA rank vLLM serves (its --max-lora-rank choices end at 512, vLLM 0.32
+# vllm/config/lora.py). Every adapter is exported in the form vLLM loads and checked against its
+# rules (trainer servable.py), so a larger rank would train and then fail at export: refused here.
+MAX_LORA_RANK = 512
+
+
 class LoraSpec(ApiModel):
-    r: int = Field(default=16, gt=0, le=1024, description="LoRA rank.")
+    r: int = Field(
+        default=16,
+        gt=0,
+        json_schema_extra={"maximum": MAX_LORA_RANK},
+        description=f"LoRA rank, at most {MAX_LORA_RANK} (the largest rank vLLM serves; above "
+        "that, method full trains every weight).",
+    )
     alpha: int = Field(default=32, gt=0, le=4096, description="LoRA scaling (alpha / r).")
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on LoRA inputs.")
     targetModules: list[ModuleName] = Field(
@@ -295,6 +307,17 @@ class LoraSpec(ApiModel):
     bias: Literal["none", "all", "lora_only"] = Field(
         default="none", description="Which biases are trained."
     )
+
+    @field_validator("r")
+    @classmethod
+    def _servable_rank(cls, value: int) -> int:
+        if value > MAX_LORA_RANK:
+            raise ValueError(
+                f"rank {value} is above {MAX_LORA_RANK}, the largest LoRA rank vLLM serves "
+                "(every adapter is exported for vLLM and checked against its rules): use r <= "
+                f"{MAX_LORA_RANK}, or method.type full"
+            )
+        return value
 
 
 class QuantizationSpec(ApiModel):
@@ -991,8 +1014,6 @@ def staging_artifact_problem(spec: FineTuneJobSpec) -> str | None:
     if artifact == "adapter":
         if spec.method.type == "full":
             return "method full trains no adapter: serve merged (the tuned model)"
-        if spec.method.lora is not None and spec.method.lora.r > 512:
-            return f"vLLM serves LoRA ranks up to 512, not {spec.method.lora.r}: serve merged"
         return None
     if artifact == "merged":
         if spec.method.type != "full" and not spec.output.mergeAdapter:

@@ -51,6 +51,12 @@ def test_round_trip_through_api_form_is_stable() -> None:
             with_spec(method={"lora": {"r": 0}}),
             "spec.method.lora.r: Input should be greater than 0",
         ),
+        (
+            # vLLM serves ranks up to 512 and every adapter is exported for vLLM: a larger rank
+            # would train for hours and then fail at export.
+            with_spec(method={"lora": {"r": 513}}),
+            "spec.method.lora.r: rank 513 is above 512, the largest LoRA rank vLLM serves",
+        ),
         (with_spec(training={"learningRate": 0.1}), "spec.training.epochs: set training.epochs"),
         (
             with_spec(method={"type": "lora", "quantization": {"bits": 4}}),
@@ -154,3 +160,12 @@ def test_snake_case_is_not_silently_accepted_in_manifests() -> None:
     document = with_spec(training={"epochs": 1, "learning_rate": 0.1})
     lines = errors_of(document)
     assert "spec.training.learning_rate: unknown field" in lines[0], lines
+
+
+def test_lora_rank_limit_is_vllms_and_in_the_crd_schema() -> None:
+    from kubetune import crd
+
+    assert api.parse_job(with_spec(method={"lora": {"r": 512}})).spec.method.lora.r == 512  # type: ignore[union-attr]
+    schema = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    lora = schema["properties"]["spec"]["properties"]["method"]["properties"]["lora"]
+    assert lora["properties"]["r"]["maximum"] == api.MAX_LORA_RANK == 512

@@ -41,6 +41,20 @@ def test_broken_manifest_exits_1_with_file_name_and_field_path(
     assert err.splitlines() == [f"{bad}: demo: spec.method.lora.r: Input should be greater than 0"]
 
 
+def test_a_lora_rank_vllm_cannot_serve_is_refused_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "rank.yaml"
+    bad.write_text(yaml.safe_dump(with_spec(method={"lora": {"r": 1024}})))
+    code, _, err = run(capsys, str(bad))
+    assert code == 10
+    assert err.splitlines() == [
+        f"{bad}: demo: spec.method.lora.r: rank 1024 is above 512, the largest LoRA rank vLLM "
+        "serves (every adapter is exported for vLLM and checked against its rules): use "
+        "r <= 512, or method.type full"
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
