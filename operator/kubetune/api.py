@@ -1296,10 +1296,12 @@ class JobPlan(ApiModel):
 
 
 # status.promotion.state: Promoted (every gate passed; with a registry: alias production),
+# Promoting (every gate passed; the operator's promote Job is moving alias production),
 # Pending (evaluation gates passed, waiting for the staging gates; a registered version has
 # alias staging), NotPromoted (a gate failed: a registered version keeps alias staging only),
-# Failed (the registry step failed; the trained artifacts are committed all the same).
-PromotionState = Literal["Promoted", "Pending", "NotPromoted", "Failed"]
+# Failed (the registry step or the promote Job failed; the trained artifacts are committed all
+# the same).
+PromotionState = Literal["Promoted", "Promoting", "Pending", "NotPromoted", "Failed"]
 
 
 class RegistryRecord(ApiModel):
@@ -1317,7 +1319,10 @@ class RegistryRecord(ApiModel):
 
 
 class Promotion(ApiModel):
-    state: PromotionState = Field(description="Promoted, Pending, NotPromoted or Failed.")
+    state: PromotionState = Field(
+        description="Promoted, Promoting (the promote Job is moving alias production), Pending, "
+        "NotPromoted or Failed (message says why; the trained artifacts stay)."
+    )
     message: Annotated[str, StringConstraints(max_length=4096)] = Field(
         default="", description="What happened, in one line."
     )

@@ -6,6 +6,9 @@
   API) + the trainer's /metrics -> st.compute -> one status patch when something changed;
 - staging timer (spec.staging, after training succeeded): engine + load Job -> staging.step
   -> status.staging, conditions Staged and GatesPassed; the engine is torn down afterwards;
+  when staging promotes a registered version it creates the promote Job;
+- promote timer (status.promotion Promoting): the promote Job + its pods -> status.promotion
+  (Promoted, or Failed with the pod's termination message) and condition Promoted;
 - delete: children go by owner reference; the operator only forgets the job's metrics.
 """
 
@@ -419,8 +422,9 @@ class Operator:
                     await self.client.create(mover)
                 except k8s.ApiError as error:
                     raise kopf.TemporaryError(f"promotion: {error}", delay=10) from error
-                promoted = promotion.moved_by_job(new.promotion, mover["metadata"]["name"])
-                new = new.model_copy(update={"promotion": promoted})
+                new = st.promoting(
+                    new, mover["metadata"]["name"], generation=meta.get("generation"), now=now
+                )
         changes = st.patch_for(old, new, now=now, min_progress_interval=0)
         if changes:
             patch.setdefault("status", {}).update(changes)
@@ -432,6 +436,39 @@ class Operator:
                     reason=st.condition(new, st.STAGED).reason,  # type: ignore[union-attr]
                     message=result.status.message or result.status.phase,
                 )
+
+    async def promote(
+        self,
+        *,
+        body: kopf.Body,
+        meta: kopf.Meta,
+        status: kopf.Status,
+        patch: kopf.Patch,
+        name: str,
+        namespace: str | None,
+        **indexes: Any,
+    ) -> None:
+        """While status.promotion is Promoting: follow the promote Job (watch-fed indexes; a
+        GET only when the index has not seen it) into status.promotion and condition
+        Promoted."""
+        namespace = namespace or "default"
+        key = (namespace, name)
+        found = list(indexes["promote_jobs"].get(key, []))
+        pods = list(indexes["promote_pods"].get(key, []))
+        try:
+            job = (
+                found[0]
+                if found
+                else await self.client.get(
+                    "batch/v1", "Job", namespace, render.promote_job_name(name)
+                )
+            )
+        except k8s.ApiError as error:
+            raise kopf.TemporaryError(f"promotion: {error}", delay=10) from error
+        now, old = _now(), _stored_status(status)
+        new = st.with_promote_job(old, job, pods, generation=meta.get("generation"), now=now)
+        _write(patch, old, new)
+        _announce(body, old, new)
 
     def scraper(self) -> aiohttp.ClientSession:
         if self._scraper is None or self._scraper.closed:
@@ -452,6 +489,10 @@ def _staging_due(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
     if not spec.get("staging") or status.get("phase") != "Succeeded":
         return False
     return (status.get("staging") or {}).get("phase") not in api.STAGING_TERMINAL
+
+
+def _promoting(status: kopf.Status, **_: Any) -> bool:
+    return (status.get("promotion") or {}).get("state") == "Promoting"
 
 
 def register(
@@ -519,6 +560,31 @@ def register(
     ) -> Any:
         return {(namespace, labels[render.LABEL_JOB]): _snapshot(body)}
 
+    @kopf.index(
+        "batch",
+        "v1",
+        "jobs",
+        id="promote_jobs",
+        labels={render.LABEL_PROMOTE: kopf.PRESENT},
+        registry=registry,
+    )
+    def promote_jobs(
+        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> Any:
+        return {(namespace, labels[render.LABEL_PROMOTE]): _snapshot(body, job=True)}
+
+    @kopf.index(
+        "v1",
+        "pods",
+        id="promote_pods",
+        labels={render.LABEL_PROMOTE: kopf.PRESENT},
+        registry=registry,
+    )
+    def promote_pods(
+        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> Any:
+        return {(namespace, labels[render.LABEL_PROMOTE]): _snapshot(body)}
+
     kopf.on.create(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
     kopf.on.resume(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
     kopf.on.update(*RESOURCE, id="spec", field="spec", registry=registry)(op.spec_changed)
@@ -538,6 +604,14 @@ def register(
         registry=registry,
     )(op.stage)
 
+    kopf.timer(
+        *RESOURCE,
+        id="promote",
+        interval=config.progress_interval,
+        when=_promoting,
+        registry=registry,
+    )(op.promote)
+
     sweep_handlers.register(registry, op.client, config.progress_interval)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
@@ -556,7 +630,11 @@ class _QuietTimer(logging.Filter):
         return not (record.levelno == logging.INFO and record.getMessage() in _TIMER_OK)
 
 
-_TIMER_OK = ("Timer 'refresh' succeeded.", "Timer 'stage' succeeded.")
+_TIMER_OK = (
+    "Timer 'refresh' succeeded.",
+    "Timer 'stage' succeeded.",
+    "Timer 'promote' succeeded.",
+)
 
 
 def run(config: Settings, namespace: str | None = None) -> int:

@@ -6,14 +6,21 @@ training ends, so the trainer registers the model version and promotes it in one
 the registry credentials; the operator never needs to read a Secret). With staging the trainer
 registers the version with alias ``staging`` and leaves ``state: Pending``; the staging gates'
 result then goes through :func:`after_staging` (the single hook for the staging step), and the
-alias ``production`` follows when both sets of gates passed.
+alias ``production`` follows when both sets of gates passed. In a cluster the operator holds no
+registry credentials: a Job (``render.promote_job``) moves the alias, the promotion reads
+``Promoting`` meanwhile and follows the Job's outcome (:func:`after_promote_job`): ``Promoted``
+when it completed, ``Failed`` with its pod's termination message when it failed. The training's
+results (artifacts, metrics, phase Succeeded) never depend on it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubetune import api
+
+PROMOTE_CONTAINER = "promote"  # render.promote_job's container
 
 
 def has_staging(spec: api.FineTuneJobSpec) -> bool:
@@ -128,10 +135,102 @@ def moves_production(old: api.Promotion | None, new: api.Promotion | None) -> bo
     return old is None or old.state != "Promoted"
 
 
-def moved_by_job(done: api.Promotion, job_name: str) -> api.Promotion:
-    """In a cluster the operator does not hold registry credentials: a Job moves the alias."""
-    note = f"; alias production is moved by Job {job_name}"
-    return done.model_copy(update={"message": (done.message + note)[:4096]})
+def promoting(done: api.Promotion, job_name: str) -> api.Promotion:
+    """The promotion while the promote Job moves alias production: the gates passed, the alias
+    has not moved yet (so it is not listed and there is no promotedAt)."""
+    registry = done.registry
+    if registry is not None:
+        registry = registry.model_copy(
+            update={"aliases": [a for a in registry.aliases if a != "production"]}
+        )
+    version = registry.version if registry is not None else None
+    note = f"; moving alias production to version {version} (Job {job_name})"
+    return done.model_copy(
+        update={
+            "state": "Promoting",
+            "message": (done.message + note)[:4096],
+            "registry": registry,
+            "promotedAt": None,
+        }
+    )
+
+
+def _job_condition(job: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+def _termination_message(pods: Iterable[Mapping[str, Any]]) -> str:
+    """The last failed promote container's termination message (the CLI's ``error:`` line, or
+    its log tail), as one line."""
+    found: list[tuple[str, str]] = []
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            if container.get("name") != PROMOTE_CONTAINER:
+                continue
+            for state in (container.get("state") or {}, container.get("lastState") or {}):
+                ended = state.get("terminated") or {}
+                if ended and ended.get("exitCode") not in (None, 0):
+                    text = str(ended.get("message") or "").strip()
+                    code = f"exit {ended.get('exitCode')}"
+                    found.append((str(ended.get("finishedAt") or ""), text or code))
+    if not found:
+        return ""
+    text = max(found)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    line = (errors or lines)[-1] if lines else text
+    return line.removeprefix("error:").strip()
+
+
+def after_promote_job(
+    current: api.Promotion,
+    job: Mapping[str, Any] | None,
+    pods: Iterable[Mapping[str, Any]],
+    now: str,
+) -> api.Promotion:
+    """status.promotion from the promote Job (``current`` is the Promoting record): Promoted with
+    alias production once the Job completed; Failed, with the pod's termination message, when it
+    failed or is gone; unchanged while it runs."""
+    if current.state != "Promoting":
+        return current
+    name = job.get("metadata", {}).get("name") if job else None
+    base = current.message.split("; moving alias production", 1)[0]
+    if job is None:
+        return failed(
+            current,
+            "the promote Job is gone before it finished: alias production was not confirmed; "
+            f"{base}",
+        )
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        registry = current.registry
+        if registry is not None:
+            registry = registry.model_copy(
+                update={"aliases": sorted({*registry.aliases, "production"})}
+            )
+        version = registry.version if registry is not None else None
+        return current.model_copy(
+            update={
+                "state": "Promoted",
+                "message": f"{base}; alias production moved to version {version} by Job {name}"[
+                    :4096
+                ],
+                "registry": registry,
+                "promotedAt": now,
+            }
+        )
+    ended = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    if ended:
+        reason = _termination_message(pods) or str(
+            ended.get("message") or ended.get("reason") or "the Job failed"
+        )
+        return failed(
+            current,
+            f"promote Job {name} failed: {reason}; alias production not moved; {base}",
+        )
+    return current
 
 
 def summary_lines(promotion: api.Promotion | None) -> list[str]:

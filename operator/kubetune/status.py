@@ -31,6 +31,7 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 GATES_PASSED = "GatesPassed"
 STAGED = "Staged"
+PROMOTED = "Promoted"
 SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
 
 # Reasons (CamelCase, stable: alerts and scripts match on them).
@@ -65,6 +66,10 @@ STAGING_DEPLOYING = "StagingDeploying"
 STAGING_LOAD_TESTING = "StagingLoadTesting"
 STAGING_COMPLETE = "StagingComplete"
 STAGING_FAILED = "StagingFailed"
+PROMOTION_COMPLETE = "PromotionComplete"
+PROMOTING = "Promoting"
+NOT_PROMOTED = "NotPromoted"
+PROMOTION_FAILED = "PromotionFailed"
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,19 @@ CONDITION_REASONS: dict[str, tuple[tuple[Reason, ...], tuple[Reason, ...]]] = {
                 STAGING_FAILED,
                 "engine never ready (its reason, log tail) or load test failed; training's "
                 "results stay",
+            ),
+        ),
+    ),
+    PROMOTED: (
+        (Reason(PROMOTION_COMPLETE, "every gate passed; with a registry, alias production"),),
+        (
+            Reason(STAGING_PENDING, "Unknown: evaluation gates passed, staging not finished"),
+            Reason(PROMOTING, "Unknown: the promote Job is moving alias production"),
+            Reason(NOT_PROMOTED, "a gate failed; a registered version keeps alias staging"),
+            Reason(
+                PROMOTION_FAILED,
+                "the registry step or the promote Job failed (its termination message); "
+                "training's results stay",
             ),
         ),
     ),
@@ -223,6 +241,7 @@ _ORDER = {
             FAILED,
             STAGED,
             GATES_PASSED,
+            PROMOTED,
             SPEC_CHANGE_IGNORED,
         )
     )
@@ -254,6 +273,22 @@ class Conditions:
 
 def condition(status: api.FineTuneJobStatus, type_: str) -> api.Condition | None:
     return next((c for c in status.conditions if c.type == type_), None)
+
+
+_PROMOTED_CONDITION: dict[str, tuple[Literal["True", "False", "Unknown"], str]] = {
+    "Promoted": ("True", PROMOTION_COMPLETE),
+    "Promoting": ("Unknown", PROMOTING),
+    "Pending": ("Unknown", STAGING_PENDING),
+    "NotPromoted": ("False", NOT_PROMOTED),
+    "Failed": ("False", PROMOTION_FAILED),
+}
+
+
+def _promotion_condition(conds: Conditions, promoted: api.Promotion | None) -> None:
+    """Condition Promoted from status.promotion (nothing while there is none)."""
+    if promoted is not None:
+        status, reason = _PROMOTED_CONDITION[promoted.state]
+        conds.set(PROMOTED, status, reason, promoted.message or promoted.state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,6 +683,7 @@ def _succeeded(
     conds.set(SUCCEEDED, "True", TRAINING_COMPLETE, message)
     conds.set(FAILED, "False", FINISHED, message)
     _gates_condition(conds, gates, result, len(spec.evaluation.gates))
+    _promotion_condition(conds, out.get("promotion"))
     if spec.staging is not None:
         conds.set(STAGED, "Unknown", STAGING_PENDING, "staging starts after training")
         passed = next((c for c in conds.items if c.type == GATES_PASSED), None)
@@ -680,6 +716,7 @@ def _failed(
     conds.set(RUNNING, "False", reason, message)
     conds.set(SUCCEEDED, "False", reason, message)
     conds.set(FAILED, "True", reason, message)
+    _promotion_condition(conds, out.get("promotion"))
     return message
 
 
@@ -803,17 +840,56 @@ def with_staging(
                 conds.set(GATES_PASSED, "True", ALL_GATES_PASSED, f"{everything} gate(s) passed")
             else:
                 conds.set(GATES_PASSED, "True", NO_GATES, "no gates declared")
-    update: dict[str, Any] = {
-        "staging": staging,
-        "conditions": conds.items,
-        "observedGeneration": generation,
-    }
+    update: dict[str, Any] = {"staging": staging, "observedGeneration": generation}
     done = staging.phase in api.STAGING_TERMINAL
     if done and (previous.staging is None or previous.staging.phase != staging.phase):
         update["promotion"], _ = promotion.after_staging(
             spec, previous, staging_gates(staging), rfc3339(now)
         )
+        _promotion_condition(conds, update["promotion"])
+    update["conditions"] = conds.items
     return previous.model_copy(update=update)
+
+
+def promoting(
+    previous: api.FineTuneJobStatus,
+    job_name: str,
+    *,
+    generation: int | None,
+    now: datetime,
+) -> api.FineTuneJobStatus:
+    """The status once the promote Job is created: promotion Promoting, condition Unknown."""
+    assert previous.promotion is not None
+    return _with_promotion(
+        previous, promotion.promoting(previous.promotion, job_name), generation, now
+    )
+
+
+def with_promote_job(
+    previous: api.FineTuneJobStatus,
+    job: Mapping[str, Any] | None,
+    pods: Iterable[Mapping[str, Any]],
+    *,
+    generation: int | None,
+    now: datetime,
+) -> api.FineTuneJobStatus:
+    """status.promotion and condition Promoted follow the promote Job (phase, artifacts and the
+    other results stay as training left them, whatever the Job does)."""
+    if previous.promotion is None:
+        return previous
+    done = promotion.after_promote_job(previous.promotion, job, pods, rfc3339(now))
+    return _with_promotion(previous, done, generation, now)
+
+
+def _with_promotion(
+    previous: api.FineTuneJobStatus,
+    promoted: api.Promotion,
+    generation: int | None,
+    now: datetime,
+) -> api.FineTuneJobStatus:
+    conds = Conditions(previous.conditions, now=now, generation=generation)
+    _promotion_condition(conds, promoted)
+    return previous.model_copy(update={"promotion": promoted, "conditions": conds.items})
 
 
 # --------------------------------------------------------------------------------------------
@@ -846,6 +922,18 @@ def transitions(old: api.FineTuneJobStatus, new: api.FineTuneJobStatus) -> list[
     gates = condition(new, GATES_PASSED)
     if gates and gates.status == "False" and condition(old, GATES_PASSED) != gates:
         events.append(Event("Warning", gates.reason, gates.message))
+    promoted = condition(new, PROMOTED)
+    before = condition(old, PROMOTED)
+    announced = (PROMOTING, PROMOTION_COMPLETE, PROMOTION_FAILED)
+    if (
+        promoted
+        and promoted.reason in announced
+        and (before is None or before.reason != promoted.reason)
+    ):
+        level: Literal["Normal", "Warning"] = (
+            "Warning" if promoted.reason == PROMOTION_FAILED else "Normal"
+        )
+        events.append(Event(level, promoted.reason, promoted.message))
     return events
 
 

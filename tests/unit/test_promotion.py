@@ -346,8 +346,160 @@ def test_moves_production_once_when_a_registered_version_is_promoted() -> None:
     assert not promotion.moves_production(promoted, promoted)  # already done: no second Job
     assert not promotion.moves_production(pending, api.Promotion(state="NotPromoted", registry=reg))
     assert not promotion.moves_production(pending, api.Promotion(state="Promoted"))  # no registry
-    noted = promotion.moved_by_job(promoted.model_copy(update={"message": "ok"}), "x-promote")
-    assert noted.message == "ok; alias production is moved by Job x-promote"
+
+
+# --------------------------------------------------------------------------------------------
+# status follows the promote Job (what the operator's promote timer computes)
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+T1 = datetime(2026, 12, 1, 12, 1, tzinfo=UTC)
+
+
+def staged_status() -> api.FineTuneJobStatus:
+    """What the staging step leaves: training Succeeded with artifacts, gates passed, version 3
+    registered with alias staging and now decided Promoted (alias production still to move)."""
+    reg = api.RegistryRecord(
+        trackingUri="http://m:5000", model="bot", version="3", aliases=["production", "staging"]
+    )
+    artifacts = api.Artifacts(adapter="s3://b/run/adapter", report="s3://b/run/report.json")
+    return api.FineTuneJobStatus(
+        phase="Succeeded",
+        artifacts=artifacts,
+        metrics=api.Metrics(tuned={"loss": 1.5}),
+        promotion=api.Promotion(
+            state="Promoted",
+            message="1 evaluation and 2 staging gate(s) passed",
+            artifact=artifacts.adapter,
+            registry=reg,
+            promotedAt=NOW,
+        ),
+    )
+
+
+def promote_job(*conditions: tuple[str, str], message: str = "") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "bot-promote"},
+        "status": {
+            "conditions": [
+                {"type": t, "status": "True", "reason": r, "message": message}
+                for t, r in conditions
+            ]
+        },
+    }
+
+
+def promote_pod(exit_code: int, message: str, finished: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"bot-promote-{finished[-3:-1]}"},
+        "status": {
+            "phase": "Failed" if exit_code else "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "promote",
+                    "state": {
+                        "terminated": {
+                            "exitCode": exit_code,
+                            "message": message,
+                            "finishedAt": finished,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def test_creating_the_promote_job_makes_the_promotion_promoting() -> None:
+    new = st.promoting(staged_status(), "bot-promote", generation=1, now=T0)
+    done = new.promotion
+    assert done is not None and done.state == "Promoting" and done.promotedAt is None
+    assert done.registry is not None and done.registry.aliases == ["staging"]  # not moved yet
+    assert done.message.endswith("; moving alias production to version 3 (Job bot-promote)")
+    cond = st.condition(new, st.PROMOTED)
+    assert cond is not None and (cond.status, cond.reason) == ("Unknown", st.PROMOTING)
+    events = st.transitions(staged_status(), new)
+    assert [(e.type, e.reason) for e in events] == [("Normal", st.PROMOTING)]
+
+
+def test_a_running_promote_job_changes_nothing() -> None:
+    promoting = st.promoting(staged_status(), "bot-promote", generation=1, now=T0)
+    for job in (promote_job(), promote_job(("Suspended", "JobSuspended"))):
+        again = st.with_promote_job(promoting, job, [], generation=1, now=T1)
+        assert again == promoting
+
+
+def test_a_completed_promote_job_promotes_with_alias_production() -> None:
+    promoting = st.promoting(staged_status(), "bot-promote", generation=1, now=T0)
+    job = promote_job(("SuccessCriteriaMet", "CompletionsReached"), ("Complete", "Done"))
+    new = st.with_promote_job(promoting, job, [], generation=1, now=T1)
+    done = new.promotion
+    assert (
+        done is not None and done.state == "Promoted" and done.promotedAt == "2026-12-01T12:01:00Z"
+    )
+    assert done.registry is not None and done.registry.aliases == ["production", "staging"]
+    assert done.message == (
+        "1 evaluation and 2 staging gate(s) passed; alias production moved to version 3 by "
+        "Job bot-promote"
+    )
+    cond = st.condition(new, st.PROMOTED)
+    assert cond is not None and (cond.status, cond.reason) == ("True", st.PROMOTION_COMPLETE)
+    assert new.phase == "Succeeded" and new.artifacts == promoting.artifacts
+    events = st.transitions(promoting, new)
+    assert [(e.type, e.reason) for e in events] == [("Normal", st.PROMOTION_COMPLETE)]
+    # Final: a later tick (the timer stops on a state other than Promoting) changes nothing.
+    assert st.with_promote_job(new, None, [], generation=1, now=T1) == new
+
+
+def test_a_failed_promote_job_says_why_and_keeps_the_training_results() -> None:
+    promoting = st.promoting(staged_status(), "bot-promote", generation=1, now=T0)
+    unreachable = (
+        "error: MLflow at http://m:5000 (POST /api/2.0/mlflow/registered-models/alias): "
+        "unreachable: [Errno 111] Connection refused\n"
+    )
+    pods = [
+        promote_pod(11, "error: an older attempt\n", "2026-12-01T12:00:10Z"),
+        promote_pod(11, unreachable, "2026-12-01T12:00:40Z"),
+    ]
+    job = promote_job(("FailureTarget", "BackoffLimitExceeded"), ("Failed", "BackoffLimitExceeded"))
+    new = st.with_promote_job(promoting, job, pods, generation=1, now=T1)
+    done = new.promotion
+    assert done is not None and done.state == "Failed" and done.promotedAt is None
+    assert done.message.startswith(
+        "promote Job bot-promote failed: MLflow at http://m:5000 (POST "
+        "/api/2.0/mlflow/registered-models/alias): unreachable: [Errno 111] Connection refused; "
+        "alias production not moved; 1 evaluation and 2 staging gate(s) passed"
+    ), done.message
+    assert done.registry is not None and done.registry.aliases == ["staging"]
+    assert done.artifacts == promoting.promotion.artifacts  # type: ignore[union-attr]
+    # Training's outcome is untouched: phase, artifacts, metrics.
+    assert (new.phase, new.artifacts, new.metrics) == (
+        "Succeeded",
+        promoting.artifacts,
+        promoting.metrics,
+    )
+    cond = st.condition(new, st.PROMOTED)
+    assert cond is not None and (cond.status, cond.reason) == ("False", st.PROMOTION_FAILED)
+    assert "Connection refused" in cond.message
+    events = st.transitions(promoting, new)
+    assert [(e.type, e.reason) for e in events] == [("Warning", st.PROMOTION_FAILED)]
+
+
+def test_a_failed_promote_job_without_a_pod_message_uses_the_jobs_reason() -> None:
+    promoting = st.promoting(staged_status(), "bot-promote", generation=1, now=T0)
+    job = promote_job(("Failed", "PodFailurePolicy"), message="Container promote exited 10")
+    new = st.with_promote_job(promoting, job, [], generation=1, now=T1)
+    assert new.promotion is not None and new.promotion.state == "Failed"
+    assert new.promotion.message.startswith(
+        "promote Job bot-promote failed: Container promote exited 10;"
+    )
+
+
+def test_a_promote_job_gone_before_it_finished_fails_the_promotion() -> None:
+    promoting = st.promoting(staged_status(), "bot-promote", generation=1, now=T0)
+    new = st.with_promote_job(promoting, None, [], generation=1, now=T1)
+    assert new.promotion is not None and new.promotion.state == "Failed"
+    assert new.promotion.message.startswith("the promote Job is gone before it finished")
+    assert new.phase == "Succeeded" and new.artifacts == promoting.artifacts
 
 
 def test_staging_spec_makes_promotion_wait() -> None:
