@@ -115,7 +115,6 @@ class Operator:
         self.client = client or k8s.Client()
         self.policy = api.Policy(allowedLicenses=config.allowed_licenses)
         self._scraper: aiohttp.ClientSession | None = None
-        self._kserve: bool | None = None  # discovery, once
 
     def problems(self, job: api.FineTuneJob) -> list[str]:
         """What would fail after the schema passed it: the license policy, and children the
@@ -314,16 +313,17 @@ class Operator:
             metrics.job_state(namespace, name, new.phase, new.progress, _created(meta), now)
 
     async def engine_kind(self) -> staging.Kind:
-        """Deployment + Service, or a KServe InferenceService where its CRD is served."""
+        """Deployment + Service, or a KServe InferenceService where its CRD is served. Asked
+        by API discovery (no RBAC needed) when a job's staging starts, not once per process: a
+        KServe installed (or removed) while the operator runs is seen by the next job."""
         choice = self.config.staging_engine
         if choice == "deployment":
             return "Deployment"
         if choice == "inferenceservice":
             return "InferenceService"
-        if self._kserve is None:
-            group = f"{staging.KSERVE_GROUP}/{staging.KSERVE_VERSION}"
-            self._kserve = await self.client.serves(group, "inferenceservices")
-        return "InferenceService" if self._kserve else "Deployment"
+        group = f"{staging.KSERVE_GROUP}/{staging.KSERVE_VERSION}"
+        served = await self.client.serves(group, "inferenceservices")
+        return "InferenceService" if served else "Deployment"
 
     async def stage(
         self,
@@ -357,12 +357,15 @@ class Operator:
             raise kopf.TemporaryError(f"staging: {error}", delay=10) from error
         pods = list(indexes["trainer_pods"].get((namespace, name), []))
         problem = staging.engine_problem(staging.engine_pods(pods))
+        if kind == "InferenceService":
+            said = staging.inference_service_problem(engine)
+            problem = "\n".join(p for p in (said, problem) if p)
         if staging.deploy_timed_out(spec, old.staging, now):
             for pod in staging.engine_pods(pods)[:1]:
                 tail = await self.client.pod_log(
                     namespace,
                     pod["metadata"]["name"],
-                    staging.ENGINE_CONTAINER,
+                    staging.engine_container(kind),
                     staging.LOG_TAIL_LINES,
                 )
                 if tail.strip():
@@ -392,16 +395,18 @@ class Operator:
                 for obj in staging.render_engine(
                     job, served, kind=kind, uid=uid, engine_image=engine_image, trainer_image=image
                 ):
-                    await self.client.create(obj)
+                    if refusal := await self._create_or_refusal(obj):
+                        result = staging.refused(result.status, refusal, now=now)
+                        break
             if result.create_load:
                 artifacts = old.artifacts or api.Artifacts()
                 target = staging.engine_target(engine, kind, name, namespace)
                 tokenizer = artifacts.tokenizer or spec.model.source
-                await self.client.create(
-                    staging.render_load_job(
-                        job, target=target, tokenizer=tokenizer, uid=uid, trainer_image=image
-                    )
+                load = staging.render_load_job(
+                    job, target=target, tokenizer=tokenizer, uid=uid, trainer_image=image
                 )
+                if refusal := await self._create_or_refusal(load):
+                    result = staging.refused(result.status, refusal, now=now)
             if result.tear_down:
                 await self.client.delete(engine_version, kind, namespace, child)
                 if kind == "Deployment":
@@ -469,6 +474,17 @@ class Operator:
         new = st.with_promote_job(old, job, pods, generation=meta.get("generation"), now=now)
         _write(patch, old, new)
         _announce(body, old, new)
+
+    async def _create_or_refusal(self, obj: dict[str, Any]) -> str | None:
+        """Create a staging object; the API server's reason when it refuses the object itself
+        (400/422: retrying the same object cannot help). Other errors raise."""
+        try:
+            await self.client.create(obj)
+        except k8s.ApiError as error:
+            if not error.invalid:
+                raise
+            return f"{obj['kind']} {obj['metadata']['name']}: {error}"
+        return None
 
     def scraper(self) -> aiohttp.ClientSession:
         if self._scraper is None or self._scraper.closed:

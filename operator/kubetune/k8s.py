@@ -25,7 +25,8 @@ watch`` lets kopf notice a CRD installed after the operator started; without it 
 enough permissions to watch for resources" once and works from API discovery at startup.
 
 Children are created with deterministic names; 409 Conflict means "already there" (an operator
-restart or a retried handler), never a duplicate.
+restart or a retried handler), never a duplicate. Creates use ``fieldValidation=Strict``. Whether
+KServe is installed is asked by API discovery (:meth:`Client.serves`), which needs no RBAC.
 
 Credentials come from :func:`login`, kopf's login handler too; the client logs in again on 401
 or when they expire (rotated ServiceAccount tokens, exec-plugin credentials).
@@ -77,6 +78,12 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+    @property
+    def invalid(self) -> bool:
+        """The server refused the object itself (400 BadRequest, 422 Invalid): a retry of the
+        same object cannot succeed."""
+        return self.status in (400, 422)
 
     @property
     def namespace_terminating(self) -> bool:
@@ -202,14 +209,17 @@ class Client:
             return data
 
     async def create(self, obj: Mapping[str, Any]) -> bool:
-        """Create a namespaced object; False when it already exists (409)."""
+        """Create a namespaced object; False when it already exists (409).
+
+        ``fieldValidation=Strict``: a field the server's schema does not know (a built-in's, or
+        a CRD's structural schema such as KServe's) is a 400 naming it, not silently dropped."""
         plural = _PLURALS[(obj["apiVersion"], obj["kind"])]
         namespace = obj["metadata"]["namespace"]
         prefix = "/api/v1" if obj["apiVersion"] == "v1" else f"/apis/{obj['apiVersion']}"
         try:
             await self._request(
                 "POST",
-                f"{prefix}/namespaces/{namespace}/{plural}",
+                f"{prefix}/namespaces/{namespace}/{plural}?fieldValidation=Strict",
                 body=obj,
                 operation=f"create_{plural}",
             )

@@ -32,6 +32,9 @@ from pydantic import ValidationError
 from kubetune import api, render
 
 ENGINE_CONTAINER = "engine"
+# KServe's name for a custom predictor's serving container (its defaulting webhook renames a
+# lone container to it): sent as is, so what the API server stores is what we rendered.
+KSERVE_CONTAINER = "kserve-container"
 FETCH_CONTAINER = "fetch"
 LOAD_CONTAINER = "load"
 ENGINE_PORT = 8000
@@ -54,6 +57,10 @@ def server_name(name: str) -> str:
 
 def load_job_name(name: str) -> str:
     return f"{name}-load"
+
+
+def engine_container(kind: Kind) -> str:
+    return KSERVE_CONTAINER if kind == "InferenceService" else ENGINE_CONTAINER
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -289,6 +296,8 @@ def render_engine(
     meta = _meta(child, name, namespace, uid, "staging-engine")
     if kind == "InferenceService":
         replicas = spec.staging.replicas
+        pod["containers"][0]["name"] = KSERVE_CONTAINER
+        # Its labels (ours) go onto the pods KServe makes: the operator's pod watch sees them.
         predictor = {**pod, "minReplicas": replicas, "maxReplicas": replicas}
         return [
             {
@@ -790,6 +799,36 @@ def engine_target(engine: Mapping[str, Any] | None, kind: Kind, name: str, names
         if url:
             return str(url).rstrip("/")
     return service_url(name, namespace)
+
+
+def inference_service_problem(engine: Mapping[str, Any] | None) -> str:
+    """Why an InferenceService is not ready, from what KServe's controller wrote in its status:
+    its conditions that are not True, or that nothing has written a status at all (no KServe
+    controller reconciles it)."""
+    if not engine:
+        return ""
+    name = (engine.get("metadata") or {}).get("name", "?")
+    conditions = (engine.get("status") or {}).get("conditions") or []
+    if not conditions:
+        return (
+            f"InferenceService {name} has no status conditions: no KServe controller has "
+            "reconciled it (is KServe's controller running?)"
+        )
+    parts = []
+    for cond in conditions:
+        if cond.get("status") == "True":
+            continue
+        why = ": ".join(str(cond[k]) for k in ("reason", "message") if cond.get(k))
+        parts.append(f"{cond.get('type')}={cond.get('status')}" + (f" ({why})" if why else ""))
+    return f"InferenceService {name}: " + "; ".join(parts) if parts else ""
+
+
+def refused(current: api.StagingStatus, why: str, now: datetime) -> Step:
+    """The API server refused an object staging renders (400/422, e.g. a field the engine's
+    schema does not know under fieldValidation=Strict): no retry can fix it, so staging fails
+    with the server's reason; anything already created is torn down."""
+    message = f"the API server refused {why}"
+    return Step(_failed(current, message, rfc3339(now), torn_down=True), tear_down=True)
 
 
 def engine_pods(pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

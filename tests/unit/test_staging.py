@@ -554,3 +554,74 @@ def test_local_engine_uses_local_paths_on_loopback(tmp_path: Path) -> None:
         "--model",
         args[0],
     ]
+
+
+def test_isvc_names_its_container_as_kserve_does() -> None:
+    # KServe's defaulting webhook renames a lone predictor container kserve-container; sent so,
+    # what the API server stores (and what pods/log needs) is what we rendered.
+    (isvc,) = engine_objects("InferenceService")
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    assert container["name"] == staging.engine_container("InferenceService") == "kserve-container"
+    assert container["command"][:2] == ["vllm", "serve"]
+    deployment = engine_objects()[0]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == staging.engine_container("Deployment") == "engine"
+    # Its labels go onto KServe's pods (KServe copies them): the operator's pod watch sees them.
+    assert isvc["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+    assert isvc["metadata"]["labels"]["app.kubernetes.io/component"] == "staging-engine"
+
+
+def test_an_isvc_without_status_says_no_kserve_controller_reconciled_it() -> None:
+    (isvc,) = engine_objects("InferenceService")
+    said = staging.inference_service_problem(isvc)
+    assert said == (
+        "InferenceService support-bot-staged-serve has no status conditions: no KServe "
+        "controller has reconciled it (is KServe's controller running?)"
+    )
+    assert staging.inference_service_problem(None) == ""
+
+
+def test_an_isvc_status_names_the_conditions_that_are_not_true() -> None:
+    # Our reading of a status shaped like KServe's (written here by hand, not by KServe).
+    (isvc,) = engine_objects("InferenceService")
+    isvc["status"] = {
+        "conditions": [
+            {"type": "IngressReady", "status": "True"},
+            {
+                "type": "PredictorReady",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet has timed out progressing.",
+            },
+            {"type": "Ready", "status": "Unknown"},
+        ]
+    }
+    assert staging.inference_service_problem(isvc) == (
+        "InferenceService support-bot-staged-serve: PredictorReady=False "
+        "(ProgressDeadlineExceeded: ReplicaSet has timed out progressing.); Ready=Unknown"
+    )
+    for cond in isvc["status"]["conditions"]:
+        cond["status"] = "True"
+    assert staging.inference_service_problem(isvc) == ""
+
+
+def test_an_object_the_api_server_refuses_fails_staging_and_tears_down() -> None:
+    job = example()
+    first = staging.step(
+        job.spec, None, staging.Seen(), name="n", kind="InferenceService", now=NOW
+    ).status
+    why = "InferenceService n-serve: 400 BadRequest: strict decoding error: unknown field"
+    result = staging.refused(first, why, now=NOW)
+    assert result.tear_down and not result.create_engine and not result.create_load
+    assert result.status.phase == "Failed" and result.status.tornDown is True
+    assert result.status.message == f"the API server refused {why}"
+    assert result.status.kind == "InferenceService"
+
+
+def test_api_errors_that_no_retry_can_fix() -> None:
+    from kubetune import k8s
+
+    assert k8s.ApiError(400, "BadRequest", "x").invalid
+    assert k8s.ApiError(422, "Invalid", "x").invalid
+    assert not k8s.ApiError(409, "AlreadyExists", "x").invalid
+    assert not k8s.ApiError(503, "ServiceUnavailable", "x").invalid
