@@ -234,5 +234,18 @@ def test_the_operator_creates_an_inference_service_kserves_schema_accepts(
     )
     assert staging["tornDown"] is True
     assert ns.kube.get("apps/v1", "deployments", ns.ns, child) is None
+
+    # How the operator found KServe: API discovery, allowed (no CRD list, which needs RBAC);
+    # and each verb the chart grants on inferenceservices was used, no other.
+    operator = ns.session.audit()
+    found = [e for e in operator if e["requestURI"] == f"/apis/{ISVC}"]
+    assert found and all(e["responseStatus"]["code"] == 200 for e in found)
+    assert not [e for e in operator if "customresourcedefinitions" in e["requestURI"]]
+    used = {
+        e["verb"]
+        for e in operator
+        if e["requestURI"].startswith(f"/apis/{ISVC}/namespaces/{ns.ns}/inferenceservices")
+    }
+    assert used == {"get", "create", "delete"}, used
     assert ns.kube.get("v1", "services", ns.ns, child) is None
     print(json.dumps({"staging": staging["message"]}))
