@@ -384,7 +384,8 @@ class Operator:
             name=name,
             kind=kind,
             now=now,
-            problem=missing,
+            problem=missing
+            or (staging.kserve_name_problem(name) if kind == "InferenceService" else None),
         )
         image = spec.resources.image or self.config.trainer_image
         try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,11 @@ SERVED_MODEL = "tuned"
 BASE_MODEL = "base"
 KSERVE_GROUP = "serving.kserve.io"
 KSERVE_VERSION = "v1beta1"
+# KServe's rule for InferenceService names (its validating webhook; the CRD schema does not say
+# it), and the suffix of the Deployment and Service it makes for the predictor (a Service name
+# is a DNS label: at most 63 characters).
+KSERVE_NAME_PATTERN = r"[a-z]([-a-z0-9]*[a-z0-9])?"
+KSERVE_PREDICTOR_SUFFIX = "-predictor"
 ENGINE_USER = 1000  # vLLM runs as any uid with a writable HOME (the emptyDir /cache)
 # Seconds the load Job may run past its planned benchmarks (prompt preparation, tokenizer).
 LOAD_SLACK_SECONDS = 300
@@ -799,6 +805,27 @@ def engine_target(engine: Mapping[str, Any] | None, kind: Kind, name: str, names
         if url:
             return str(url).rstrip("/")
     return service_url(name, namespace)
+
+
+def kserve_name_problem(name: str) -> str | None:
+    """Why KServe would refuse or could not serve the InferenceService of FineTuneJob ``name``
+    (None when it can): checked before creating it, since a webhook's refusal or a Service
+    KServe cannot create would otherwise only show as a ready timeout."""
+    child = server_name(name)
+    fix = "rename the FineTuneJob, or run the operator with KUBETUNE_STAGING_ENGINE=deployment"
+    if not re.fullmatch(KSERVE_NAME_PATTERN, child):
+        return (
+            f"InferenceService name {child} breaks KServe's naming rule {KSERVE_NAME_PATTERN} "
+            f"(it must start with a letter): {fix}"
+        )
+    longest = 63 - len(KSERVE_PREDICTOR_SUFFIX) - len(server_name(""))
+    if len(child) + len(KSERVE_PREDICTOR_SUFFIX) > 63:
+        return (
+            f"InferenceService name {child} is too long for KServe: its Service "
+            f"{child}{KSERVE_PREDICTOR_SUFFIX} would exceed 63 characters (FineTuneJob names "
+            f"up to {longest} characters): {fix}"
+        )
+    return None
 
 
 def inference_service_problem(engine: Mapping[str, Any] | None) -> str:

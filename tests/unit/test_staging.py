@@ -625,3 +625,27 @@ def test_api_errors_that_no_retry_can_fix() -> None:
     assert k8s.ApiError(422, "Invalid", "x").invalid
     assert not k8s.ApiError(409, "AlreadyExists", "x").invalid
     assert not k8s.ApiError(503, "ServiceUnavailable", "x").invalid
+
+
+def test_names_kserve_would_refuse_or_could_not_serve_fail_staging_up_front() -> None:
+    assert staging.kserve_name_problem("support-bot") is None
+    assert staging.kserve_name_problem("a" * 47) is None  # a-...-serve-predictor: 63
+    leading_digit = staging.kserve_name_problem("1st-bot")
+    assert leading_digit is not None
+    assert leading_digit.startswith("InferenceService name 1st-bot-serve breaks KServe's naming")
+    assert "KUBETUNE_STAGING_ENGINE=deployment" in leading_digit
+    too_long = staging.kserve_name_problem("a" * 48)
+    assert too_long is not None and "would exceed 63 characters" in too_long
+    assert "FineTuneJob names up to 47 characters" in too_long
+    # The handler passes it as the problem: staging fails before anything is created.
+    result = staging.step(
+        example().spec,
+        None,
+        staging.Seen(),
+        name="1st-bot",
+        kind="InferenceService",
+        now=NOW,
+        problem=leading_digit,
+    )
+    assert not result.create_engine and result.status.phase == "Failed"
+    assert result.status.message == f"cannot stage: {leading_digit}"
