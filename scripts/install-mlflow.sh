@@ -7,11 +7,12 @@
 set -euo pipefail
 version=3.17.2
 dest=${1:-.tools/mlflow}
-if [ -x "$dest/bin/mlflow" ] && "$dest/bin/mlflow" --version 2>/dev/null | grep -q "$version"; then
+# Through the venv's python: bin/mlflow's #! line breaks when the venv was made elsewhere.
+if [ -x "$dest/bin/python" ] && "$dest/bin/python" -m mlflow --version 2>/dev/null | grep -q "$version"; then
   exit 0
 fi
 rm -rf "$dest"
 python3 -m venv "$dest"
 "$dest/bin/pip" install -q --disable-pip-version-check "mlflow==$version" 2>&1 \
   | grep -v "^WARNING: Location" || true
-"$dest/bin/mlflow" --version
+"$dest/bin/python" -m mlflow --version

@@ -24,7 +24,9 @@ from typing import Any
 
 from tests.support.trainer_runs import ROOT
 
-MLFLOW = ROOT / ".tools" / "mlflow" / "bin" / "mlflow"
+# The venv's python, not its bin/mlflow script: a script's #! line names the path the venv was
+# created at, so a venv copied or moved (another checkout's .tools) breaks the script only.
+MLFLOW = ROOT / ".tools" / "mlflow" / "bin" / "python"
 
 
 def free_port() -> int:
@@ -65,6 +67,8 @@ def mlflow_server(workdir: Path, timeout: float = 180) -> Iterator[MlflowServer]
         proc = subprocess.Popen(
             [
                 str(MLFLOW),
+                "-m",
+                "mlflow",
                 "server",
                 "--host",
                 "127.0.0.1",
