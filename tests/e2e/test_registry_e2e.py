@@ -118,9 +118,9 @@ def test_without_staging_the_trainer_registers_and_promotes(
     assert (cond["status"], cond["reason"]) == ("True", "PromotionComplete")
     # What the registry itself says (the test's own REST calls).
     for alias in ("staging", "production"):
-        version = registry.get(
-            "mlflow/registered-models/alias", name=MODEL, alias=alias
-        )["model_version"]
+        version = registry.get("mlflow/registered-models/alias", name=MODEL, alias=alias)[
+            "model_version"
+        ]
         assert version["version"] == record["version"] and version["source"] == adapter
     run = registry.get("mlflow/runs/get", run_id=record["runId"])["run"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
