@@ -5,10 +5,15 @@ image's `kubetune_trainer.staging fetch` from S3) and then real `vllm serve` (CP
 adapter; once its /health answers, the operator starts the load Job, which draws prompts from
 the test split and runs real guidellm against the Service name; results and gates land in
 status.staging, GatesPassed combines evaluation and staging gates, and the engine is torn down.
+The first job also has output.registry.mlflow (a real `mlflow server` on loopback): the trainer
+registers the version with alias staging only (promotion Pending); once the staging gates pass,
+the operator creates the promote Job, which moves alias production, and status.promotion follows
+it: Promoting, then Promoted with condition Promoted True.
 Also: an engine that is not ready in time fails staging and keeps the trained artifacts. No
 request of the operator is forbidden (the chart's RBAC).
 
-Needs scripts/install-vllm.sh (.tools/vllm); each test loads vLLM once (~1-3 min on CPU).
+Needs scripts/install-vllm.sh (.tools/vllm) and scripts/install-mlflow.sh (.tools/mlflow); each
+test loads vLLM once (~1-3 min on CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import yaml
 
 from tests.support.cluster import Cluster, demo_bucket
 from tests.support.kubelet import VLLM_BIN
+from tests.support.mlflow_server import MlflowServer, mlflow_server
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -32,13 +38,24 @@ def bucket(s3_server: str) -> str:
     return demo_bucket(s3_server)
 
 
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as running:
+        yield running
+
+
 @pytest.fixture
 def ns(cluster: Cluster) -> Iterator[Cluster]:
     cluster.s3_credentials()
     yield cluster
 
 
-def manifest(name: str, bucket: str, endpoint: str, **staging: Any) -> str:
+def manifest(
+    name: str, bucket: str, endpoint: str, tracking_uri: str | None = None, **staging: Any
+) -> str:
+    output: dict[str, Any] = {"destination": f"s3://{bucket}/runs/{name}"}
+    if tracking_uri:
+        output["registry"] = {"mlflow": {"trackingUri": tracking_uri, "model": name}}
     doc = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -59,7 +76,7 @@ def manifest(name: str, bucket: str, endpoint: str, **staging: Any) -> str:
                 "metrics": ["loss"],
                 "gates": [{"metric": "tuned.loss", "op": "<", "value": 100}],
             },
-            "output": {"destination": f"s3://{bucket}/runs/{name}"},
+            "output": output,
             "storage": {
                 "s3": {
                     "endpoint": endpoint,
@@ -96,13 +113,29 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
 
-def test_staging_serves_the_adapter_runs_guidellm_and_gates(
-    ns: Cluster, bucket: str, s3_server: str
+def alias(registry: MlflowServer, model: str, name: str) -> str | None:
+    """The version the alias points at, by the test's own REST call (None: not set; MLflow
+    answers 400 for an alias that does not exist)."""
+    if registry.status_of("mlflow/registered-models/alias", name=model, alias=name) != 200:
+        return None
+    found = registry.get("mlflow/registered-models/alias", name=model, alias=name)
+    return str(found["model_version"]["version"])
+
+
+def test_staging_serves_the_adapter_runs_guidellm_gates_and_promotes(
+    ns: Cluster, bucket: str, s3_server: str, registry: MlflowServer
 ) -> None:
-    ns.apply(manifest("stage-ok", bucket, s3_server))
+    ns.apply(manifest("stage-ok", bucket, s3_server, registry.uri))
     ns.kubectl("wait", "--for=condition=Succeeded", "ftj/stage-ok", "--timeout=300s")
     trained = ns.status("stage-ok")
     assert condition(trained, "GatesPassed")["status"] in ("Unknown", "True")
+    # Registered by the trainer with alias staging only: production waits for the load test.
+    pending = trained["promotion"]
+    assert pending["state"] == "Pending", pending
+    version = pending["registry"]["version"]
+    assert pending["registry"]["aliases"] == ["staging"]
+    assert alias(registry, "stage-ok", "staging") == version
+    assert alias(registry, "stage-ok", "production") is None
     status = staging_done(ns, "stage-ok", timeout=700)
     staging = status["staging"]
     assert staging["phase"] == "Succeeded", (staging, ns.pod_logs("stage-ok"))
@@ -132,6 +165,31 @@ def test_staging_serves_the_adapter_runs_guidellm_and_gates(
     assert "stage-ok-load" in [j["metadata"]["name"] for j in ns.jobs()]
     reasons = [e["reason"] for e in ns.events("stage-ok")]
     assert "StagingDeploying" in reasons and "StagingComplete" in reasons
+    # Promotion: the operator's promote Job moves alias production; the status follows it.
+    promoted = ns.wait_for(
+        "status.promotion settled",
+        lambda: (
+            (s := ns.status("stage-ok")).get("promotion", {}).get("state") in ("Promoted", "Failed")
+            and s
+        ),
+        timeout=120,
+        every=1,
+    )
+    done = promoted["promotion"]
+    assert done["state"] == "Promoted", (done, ns.pod_logs("stage-ok-promote"))
+    assert done["registry"]["aliases"] == ["production", "staging"] and done["promotedAt"]
+    assert done["message"].endswith(
+        f"alias production moved to version {version} by Job stage-ok-promote"
+    ), done["message"]
+    assert alias(registry, "stage-ok", "production") == version
+    assert alias(registry, "stage-ok", "staging") == version
+    mover = next(j for j in ns.jobs() if j["metadata"]["name"] == "stage-ok-promote")
+    assert mover["status"].get("succeeded") == 1
+    cond = condition(promoted, "Promoted")
+    assert (cond["status"], cond["reason"]) == ("True", "PromotionComplete")
+    assert promoted["phase"] == "Succeeded" and promoted["artifacts"] == status["artifacts"]
+    reasons = [e["reason"] for e in ns.events("stage-ok")]
+    assert "Promoting" in reasons and "PromotionComplete" in reasons
 
 
 def test_an_engine_not_ready_in_time_fails_staging_with_its_log_and_keeps_training(
