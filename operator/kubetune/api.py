@@ -1040,7 +1040,9 @@ def notes(spec: FineTuneJobSpec) -> list[str]:
     if is_gguf_source(spec.model.source):
         line = (
             "spec.model.source is a GGUF file: it is dequantized to fp32 before training, so "
-            "quality is that of its quantized weights; artifacts are exported as safetensors"
+            "quality is that of its quantized weights; artifacts are exported as safetensors, "
+            "and the dequantized base too (artifact base, which the adapter names as its base: "
+            "servers load a LoRA on safetensors weights, not on the .gguf)"
         )
         if spec.method.type == "qlora":
             line += "; qlora then re-quantizes the dequantized weights with bitsandbytes"
@@ -1200,6 +1202,12 @@ class Artifacts(ApiModel):
         default=None, description="Merged model (AutoModel.from_pretrained)."
     )
     model: str | None = Field(default=None, description="Fully fine-tuned model.")
+    base: str | None = Field(
+        default=None,
+        description="The base model the adapter applies to, as safetensors (the adapter's "
+        "base_model_name_or_path): written when spec.model.source is a GGUF file, whose "
+        "dequantized weights are what the adapter was trained on.",
+    )
     tokenizer: str | None = Field(default=None, description="Tokenizer.")
     report: str | None = Field(default=None, description="report.json.")
     lossCurve: str | None = Field(default=None, description="Loss curve PNG.")

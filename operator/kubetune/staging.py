@@ -116,8 +116,16 @@ def artifact_source(
     if artifact == "adapter":
         if not found.adapter:
             return None, "training recorded no adapter artifact"
+        # A GGUF source's adapter applies to the dequantized base the trainer exported (vLLM
+        # loads a LoRA on safetensors weights, not on the .gguf).
+        source = found.base or spec.model.source
+        if api.is_gguf_source(source):
+            return None, (
+                "training recorded no base artifact for the GGUF spec.model.source (vLLM "
+                "serves an adapter only on a safetensors base)"
+            )
         base = f"{MODELS_DIR}/base"
-        return Served(base, {"base": spec.model.source, "adapter": found.adapter}, True), None
+        return Served(base, {"base": source, "adapter": found.adapter}, True), None
     if artifact == "merged":
         uri = found.merged or found.model
         if not uri:

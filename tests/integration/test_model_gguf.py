@@ -85,6 +85,25 @@ def test_a_gguf_source_trains_and_exports_safetensors(demo_gguf: Path, tmp_path:
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", use_safetensors=True)
     assert merged.config.num_hidden_layers == 2
     assert getattr(merged.config, "quantization_config", None) is None
+    # The adapter names as its base the exported, dequantized base (safetensors), not the
+    # .gguf, which neither vLLM nor AutoPeftModel can put a LoRA on; base/ says where it came
+    # from.
+    assert status.artifacts is not None and status.artifacts.base == (out / "base").as_uri()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == status.artifacts.base
+    assert config["revision"] is None
+    origin = json.loads((out / "base" / "kubetune-source.json").read_text())
+    assert origin["source"] == str(demo_gguf)
+    assert (out / "base" / "manifest.json").is_file()  # committed
+    assert sorted(p.name for p in (out / "base").glob("*.safetensors")) == ["model.safetensors"]
+    # The base plus the adapter is the merged model: the adapter was trained on these weights.
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base", use_safetensors=True)
+    tuned = PeftModel.from_pretrained(base, out / "adapter")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_a_truncated_gguf_is_a_user_error(demo_gguf: Path, tmp_path: Path) -> None:

@@ -185,7 +185,8 @@ def test_a_gguf_model_source_is_noted(tmp_path: Path, capsys: pytest.CaptureFixt
     assert out.splitlines()[1] == (
         f"note: {path}: spec.model.source is a GGUF file: it is dequantized to fp32 before "
         "training, so quality is that of its quantized weights; artifacts are exported as "
-        "safetensors"
+        "safetensors, and the dequantized base too (artifact base, which the adapter names as "
+        "its base: servers load a LoRA on safetensors weights, not on the .gguf)"
     )
     path.write_text(yaml.safe_dump(minimal()))
     assert run(capsys, str(path))[1].splitlines()[1:] == []

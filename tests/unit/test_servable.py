@@ -128,6 +128,10 @@ def test_the_exported_config_names_the_base_by_its_source_uri() -> None:
     assert config["base_model_name_or_path"] == "s3://models/llama"
     assert config["revision"] == "v3"
     assert config["target_modules"] == ["q_proj", "v_proj"]
+    # A GGUF source: the adapter names the exported, dequantized base (no revision of its own).
+    gguf = api.ModelSpec(source="s3://models/smol.Q4_1.gguf", revision="v1")
+    config = serving_config(peft_wrote, gguf, base="s3://out/run/base")
+    assert (config["base_model_name_or_path"], config["revision"]) == ("s3://out/run/base", None)
 
 
 def test_all_linear_module_paths_become_layer_names_only_when_they_select_the_same() -> None:

@@ -103,6 +103,21 @@ def test_merged_is_fine_with_merge_adapter_and_adapter_refused_with_full() -> No
     assert any("spec.staging.artifact: method full trains no adapter" in e for e in found), found
 
 
+def test_a_gguf_sources_adapter_is_served_on_the_exported_base() -> None:
+    data = example().to_api()
+    data["spec"]["model"] = {"source": "s3://models/smollm2/model.Q4_1.gguf"}
+    spec = api.parse_job(data).spec
+    with_base = ARTIFACTS.model_copy(update={"base": "s3://models/tuned/support-bot/base"})
+    served, problem = staging.artifact_source(spec, with_base)
+    assert problem is None and served is not None
+    assert served.sources == {"base": with_base.base, "adapter": ARTIFACTS.adapter}
+    # A run that recorded no base (the .gguf is all there is): refused with the reason, not
+    # handed to vLLM.
+    served, problem = staging.artifact_source(spec, ARTIFACTS)
+    assert served is None and problem is not None
+    assert problem.startswith("training recorded no base artifact for the GGUF spec.model.source")
+
+
 # ---- render
 
 

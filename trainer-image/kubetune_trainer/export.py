@@ -9,7 +9,12 @@
 - ``merged/``: base + adapter merged (``output.mergeAdapter``), loadable with
   ``AutoModelForCausalLM.from_pretrained`` and ``vllm serve``: safetensors, generation_config,
   tokenizer and chat template;
-- ``model/``: the fully fine-tuned model (method ``full``), tokenizer included.
+- ``model/``: the fully fine-tuned model (method ``full``), tokenizer included;
+- ``base/``: with a GGUF ``spec.model.source``, the dequantized base as safetensors (tokenizer
+  and ``kubetune-source.json`` naming the .gguf included): the weights the adapter was trained
+  on, and the base its config names. A server cannot load a LoRA on the .gguf itself (vLLM
+  applies adapters to safetensors weights; ``AutoPeftModelForCausalLM`` cannot open a .gguf
+  path), and the .gguf's quantized weights are not what the adapter was trained against.
 
 Each folder is written locally first and committed only when complete, so a failure leaves no
 half-written artifact (an earlier, complete one may stay until overwritten).
@@ -46,16 +51,20 @@ def _commit(
 
 
 def serving_config(
-    config: dict[str, Any], model: api.ModelSpec, linear: set[str] | None = None
+    config: dict[str, Any],
+    model: api.ModelSpec,
+    linear: set[str] | None = None,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """adapter_config.json as a server or ``AutoPeftModel`` reads it: the base model by the URI
-    the spec names (peft writes the local folder the trainer loaded it from) and its revision;
+    the spec names (peft writes the local folder the trainer loaded it from) and its revision,
+    or ``base`` (the exported base/ of a GGUF source, which has no revision of its own);
     target modules as a sorted list of names. peft writes all-linear out as full module paths:
     those become layer names (q_proj, ...) where the names select exactly the same layers of
     ``linear`` (the base model's linear layers)."""
     out = dict(config)
-    out["base_model_name_or_path"] = model.source
-    out["revision"] = model.revision
+    out["base_model_name_or_path"] = base or model.source
+    out["revision"] = None if base else model.revision
     targets = out.get("target_modules")
     if isinstance(targets, list | set | tuple):
         names = sorted(targets)
@@ -85,14 +94,17 @@ def linear_modules(model: Any) -> set[str]:
     return names
 
 
-def save_adapter(model: PeftModel, folder: Path, spec: api.FineTuneJobSpec) -> None:
-    """The adapter as vLLM and peft load it; refused (UserError) when vLLM would refuse it."""
+def save_adapter(
+    model: PeftModel, folder: Path, spec: api.FineTuneJobSpec, base: str | None = None
+) -> None:
+    """The adapter as vLLM and peft load it; refused (UserError) when vLLM would refuse it.
+    ``base``: the exported base's URI, when the adapter's base is not spec.model.source."""
     from .servable import check_adapter
 
     model.save_pretrained(str(folder), safe_serialization=True)
     linear = linear_modules(model)
     path = folder / "adapter_config.json"
-    config = serving_config(json.loads(path.read_text()), spec.model, linear)
+    config = serving_config(json.loads(path.read_text()), spec.model, linear, base)
     path.write_text(json.dumps(config, indent=2) + "\n")
     check_adapter(folder, linear)
 
@@ -118,6 +130,20 @@ def merged_model(model_dir: Path, adapter_dir: Path, spec: api.FineTuneJobSpec) 
     return merged
 
 
+def export_base(model_dir: Path, source: api.ModelSpec, storage: Storage) -> str:
+    """Commit the dequantized base (``model.from_gguf``'s safetensors folder, tokenizer
+    included) as base/, with a note of the .gguf it came from; its URI."""
+    note = {
+        "source": source.source,
+        "revision": source.revision,
+        "note": "dequantized from the GGUF file to float32 safetensors before training: the "
+        "weights the adapter was trained on",
+    }
+    (model_dir / "kubetune-source.json").write_text(json.dumps(note, indent=2) + "\n")
+    uri: str = storage.commit_dir(model_dir, "base")
+    return uri
+
+
 def export(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -136,9 +162,11 @@ def export(
 
         artifacts.model = _commit(storage, "model", write_model, scratch)
     else:
+        if api.is_gguf_source(spec.model.source):
+            artifacts.base = export_base(model_dir, spec.model, storage)
         with tempfile.TemporaryDirectory(prefix="kubetune-adapter-", dir=scratch) as tmp:
             adapter_dir = Path(tmp)
-            save_adapter(cast("PeftModel", model), adapter_dir, spec)
+            save_adapter(cast("PeftModel", model), adapter_dir, spec, artifacts.base)
             artifacts.adapter = storage.commit_dir(adapter_dir, "adapter")
             if spec.output.mergeAdapter:
 

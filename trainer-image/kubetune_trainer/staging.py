@@ -253,11 +253,6 @@ def local_engine_args(
     served, problem = st.artifact_source(spec, artifacts, quantized or [])
     if served is None:
         raise UserError(f"spec.staging.artifact: {problem}")
-    if api.is_gguf_source(spec.model.source) and served.lora:
-        raise UserError(
-            "spec.staging.artifact: vLLM serves an adapter only on a safetensors base; with a "
-            "GGUF spec.model.source use artifact merged (and spec.output.mergeAdapter: true)"
-        )
     local = {k: str(resolve(k, v)) for k, v in served.sources.items()}
     model = local["base"] if served.lora else next(iter(local.values()))
     return st.engine_args(
