@@ -8,7 +8,9 @@ status.staging, GatesPassed combines evaluation and staging gates, and the engin
 The first job also has output.registry.mlflow (a real `mlflow server` on loopback): the trainer
 registers the version with alias staging only (promotion Pending); once the staging gates pass,
 the operator creates the promote Job, which moves alias production, and status.promotion follows
-it: Promoting, then Promoted with condition Promoted True.
+it: Promoting, then Promoted with condition Promoted True. A second one's registered model is
+deleted before staging passes: the promote Job is refused and the promotion says Failed with
+the pod's termination message, training's results kept.
 Also: an engine that is not ready in time fails staging and keeps the trained artifacts. No
 request of the operator is forbidden (the chart's RBAC).
 
@@ -18,6 +20,8 @@ test loads vLLM once (~1-3 min on CPU).
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -213,3 +217,60 @@ def test_an_engine_not_ready_in_time_fails_staging_with_its_log_and_keeps_traini
         lambda: ns.kube.get("apps/v1", "deployments", ns.ns, "stage-slow-serve") is None,
         timeout=60,
     )
+
+
+def delete_registered_model(registry: MlflowServer, model: str) -> None:
+    """The test's own REST call: the registered model (and its versions) removed."""
+    request = urllib.request.Request(
+        f"{registry.uri}/api/2.0/mlflow/registered-models/delete",
+        data=json.dumps({"name": model}).encode(),
+        method="DELETE",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+def test_a_failed_promote_job_fails_the_promotion_with_its_reason_and_keeps_training(
+    ns: Cluster, bucket: str, s3_server: str, registry: MlflowServer
+) -> None:
+    # The version is registered at the end of training; deleted from the registry (as an admin
+    # might) before staging passes, so the promote Job's alias call is refused (exit 10,
+    # FailJob at once).
+    ns.apply(manifest("stage-gone", bucket, s3_server, registry.uri))
+    ns.kubectl("wait", "--for=condition=Succeeded", "ftj/stage-gone", "--timeout=300s")
+    trained = ns.status("stage-gone")
+    assert trained["promotion"]["state"] == "Pending", trained["promotion"]
+    delete_registered_model(registry, "stage-gone")
+    status = staging_done(ns, "stage-gone", timeout=700)
+    assert status["staging"]["phase"] == "Succeeded", (status["staging"], ns.pod_logs())
+    settled = ns.wait_for(
+        "status.promotion settled",
+        lambda: (
+            (s := ns.status("stage-gone")).get("promotion", {}).get("state")
+            in ("Promoted", "Failed")
+            and s
+        ),
+        timeout=120,
+        every=1,
+    )
+    done = settled["promotion"]
+    assert done["state"] == "Failed", done
+    # The reason is the promote pod's termination message (its `error:` line), as the real Job
+    # controller and the kubelet reported it.
+    assert done["message"].startswith(
+        f"promote Job stage-gone-promote failed: MLflow at {registry.uri} (POST "
+        "/api/2.0/mlflow/registered-models/alias): HTTP 404: RESOURCE_DOES_NOT_EXIST"
+    ), done["message"]
+    assert "alias production not moved" in done["message"] and not done.get("promotedAt")
+    assert done["registry"]["aliases"] == ["staging"]
+    cond = condition(settled, "Promoted")
+    assert (cond["status"], cond["reason"]) == ("False", "PromotionFailed")
+    # Training's results stay: phase, artifacts, metrics; staging's too.
+    assert settled["phase"] == "Succeeded" and settled["artifacts"] == trained["artifacts"]
+    assert settled["metrics"] == trained["metrics"] and settled["staging"]["phase"] == "Succeeded"
+    mover = next(j for j in ns.jobs() if j["metadata"]["name"] == "stage-gone-promote")
+    failed = next(c for c in mover["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PodFailurePolicy", failed
+    warnings = [e for e in ns.events("stage-gone") if e["reason"] == "PromotionFailed"]
+    assert warnings and warnings[0]["type"] == "Warning"
