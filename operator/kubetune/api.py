@@ -73,6 +73,28 @@ SAFETY_METRICS = (
 # and 4-bit NF4 checkpoints, and GGUF files (llama.cpp's format) with Q8_0, Q4_0 or F16 weights.
 QuantizeFormat = Literal["int8", "nf4", "gguf-q8_0", "gguf-q4_0", "gguf-f16"]
 QUANTIZE_FORMATS: tuple[QuantizeFormat, ...] = get_args(QuantizeFormat)
+GGUF_FILE = "model.gguf"  # the one file of a gguf-* export, in its folder quantized/<format>/
+
+
+def is_gguf_format(name: str) -> bool:
+    return name.startswith("gguf-")
+
+
+# Why vLLM 0.32, the staging engine of the operator's default images and of
+# scripts/install-vllm.sh, cannot serve an output.quantize export (what it answers, seen in
+# tests/integration/test_vllm_serving.py): upstream removed its bitsandbytes and GGUF loaders.
+VLLM_CANNOT_SERVE = {
+    "bitsandbytes": "vLLM 0.32 has no bitsandbytes loader (it answers 'Unknown quantization "
+    "method: bitsandbytes')",
+    "gguf": "vLLM 0.32 has no GGUF loader (it reads the .gguf file as a config.json and fails)",
+}
+
+
+def quantized_loader(name: str) -> str:
+    """The loader an engine needs for an output.quantize format: gguf or bitsandbytes."""
+    return "gguf" if is_gguf_format(name) else "bitsandbytes"
+
+
 # Only meaningful as a comparison: tuned / base.
 RATIO_METRICS = ("oodPerplexityRatio",)
 GATE_METRIC_PATTERN = (
@@ -318,6 +340,19 @@ class LoraSpec(ApiModel):
                 f"{MAX_LORA_RANK}, or method.type full"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dora(cls, data: Any) -> Any:
+        # DoRA is not offered: vLLM refuses DoRA adapters (HTTP 500 on load), so neither
+        # staging nor a user's server could serve what it trains.
+        named = [k for k in ("useDora", "use_dora", "dora") if isinstance(data, dict) and k in data]
+        if named:
+            raise ValueError(
+                f"{named[0]}: DoRA is not supported: vLLM does not serve DoRA adapters (it "
+                "answers HTTP 500 when one is loaded); train plain LoRA, or method full"
+            )
+        return data
 
 
 class QuantizationSpec(ApiModel):
@@ -1026,6 +1061,13 @@ def staging_artifact_problem(spec: FineTuneJobSpec) -> str | None:
             f"{artifact!r} is neither adapter, merged nor a format in spec.output.quantize "
             f"({listed})"
         )
+    if spec.staging.image is None:
+        loader = quantized_loader(artifact)
+        return (
+            f"{artifact}: the default staging engine cannot serve it: "
+            f"{VLLM_CANNOT_SERVE[loader]}; serve merged, or set staging.image to a vLLM build "
+            f"that loads {loader} checkpoints"
+        )
     return None
 
 
@@ -1046,6 +1088,17 @@ def notes(spec: FineTuneJobSpec) -> list[str]:
         )
         if spec.method.type == "qlora":
             line += "; qlora then re-quantizes the dequantized weights with bitsandbytes"
+        lines.append(line)
+    staged = spec.staging.artifact if spec.staging is not None else ""
+    if staged in QUANTIZE_FORMATS:
+        loader = quantized_loader(staged)
+        line = (
+            f"spec.staging serves the {staged} export with staging.image, which must load "
+            f"{loader} checkpoints ({VLLM_CANNOT_SERVE[loader]}); `kubetune run` checks its "
+            "own vLLM before training"
+        )
+        if loader == "gguf":
+            line += f"; the engine gets the {GGUF_FILE} file and --tokenizer (the tokenizer)"
         lines.append(line)
     return lines
 

@@ -100,9 +100,10 @@ def _meta(child: str, name: str, namespace: str, uid: str | None, component: str
 class Served:
     """The engine's model folders (inside the pod) and where they come from (URIs)."""
 
-    model: str  # the folder vLLM serves
+    model: str  # the folder (or, for GGUF, the file) vLLM serves
     sources: dict[str, str]  # folder name under MODELS_DIR -> storage URI
     lora: bool  # the artifact is an adapter on ``model``
+    tokenizer: str | None = None  # --tokenizer: a GGUF file's tokenizer folder
 
 
 def artifact_source(
@@ -135,6 +136,13 @@ def artifact_source(
     if export is None or not export.uri:
         why = f": {export.reason}" if export is not None and export.reason else ""
         return None, f"training recorded no quantized export {artifact!r}{why}"
+    if api.is_gguf_format(artifact):
+        # vLLM loads a GGUF file, not its folder, and is told to use the trainer's tokenizer
+        # rather than convert the one inside the file.
+        tokenizer = found.tokenizer or spec.model.source
+        sources = {artifact: export.uri, "tokenizer": tokenizer}
+        model = f"{MODELS_DIR}/{artifact}/{api.GGUF_FILE}"
+        return Served(model, sources, False, tokenizer=f"{MODELS_DIR}/tokenizer"), None
     return Served(f"{MODELS_DIR}/{artifact}", {artifact: export.uri}, False), None
 
 
@@ -145,12 +153,15 @@ def engine_args(
     lora_rank: int | None = None,
     model: str | None = None,
     adapter: str | None = None,
+    tokenizer: str | None = None,
     host: str = "$(POD_IP)",
     port: int = ENGINE_PORT,
 ) -> list[str]:
     """vLLM's command line: the tuned model under SERVED_MODEL, on the pod's own address
-    (``model``/``adapter``/``host``/``port`` differ for `kubetune run`)."""
+    (``model``/``adapter``/``tokenizer``/``host``/``port`` differ for `kubetune run`)."""
     args = ["vllm", "serve", model or served.model, "--host", host, "--port", str(port)]
+    if served.tokenizer:
+        args += ["--tokenizer", tokenizer or served.tokenizer]
     if served.lora:
         # The base under its own name, the adapter as the LoRA module SERVED_MODEL: one engine
         # answers both, so tuned and base can be compared under the same load.

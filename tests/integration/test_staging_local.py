@@ -80,3 +80,30 @@ def test_kubetune_run_stages_the_adapter_on_vllm_with_guidellm(tmp_path: Path) -
     assert "gate staging.ttftP95Ms <= 120000: passed" in out
     assert "gate staging.outputTokensPerSecond >= 0.01: passed" in out
     assert "promotion: Promoted: 0 evaluation and 2 staging gate(s) passed" in out
+
+
+@pytest.mark.parametrize("image", [None, "registry.example.com/a-vllm-of-ones-own:1"])
+def test_a_quantized_export_vllm_cannot_serve_fails_before_training(
+    tmp_path: Path, image: str | None
+) -> None:
+    """Staging the GGUF export: refused by the spec with the default engine, and with an image
+    of one's own by `kubetune run`'s look at its own vLLM (no GGUF loader in vLLM 0.32): one
+    error line naming the format and why, in seconds, nothing trained."""
+    if not (VLLM / "bin" / "vllm").exists():
+        pytest.fail(f"error: {VLLM}/bin/vllm not found: run scripts/install-vllm.sh", False)
+    path = manifest(tmp_path, artifact="gguf-q8_0", **({"image": image} if image else {}))
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["output"].update(mergeAdapter=True, quantize=["gguf-q8_0"])
+    path.write_text(yaml.safe_dump(doc))
+    done = run(path, env={"KUBETUNE_VLLM": str(VLLM)})
+    assert done.returncode == 10, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    if image is None:
+        assert (
+            "spec.staging.artifact: gguf-q8_0: the default staging engine cannot serve it" in line
+        )
+        assert "no GGUF loader" in line
+    else:
+        assert line.startswith(f"error: spec.staging.artifact: gguf-q8_0: the vLLM at {VLLM}")
+        assert "has no gguf loader" in line
+    assert not (tmp_path / "out").exists()

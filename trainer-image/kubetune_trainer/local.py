@@ -174,13 +174,17 @@ def run_manifest(
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     if config.spec.staging is not None:
-        from .staging import vllm_venv
+        from .staging import missing_loader, vllm_venv
 
         try:
-            vllm_venv()  # before training: a missing engine must fail in seconds, not after
+            venv = vllm_venv()  # before training: a missing engine must fail in seconds
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
+        why = missing_loader(venv, config.spec.staging.artifact)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return api.EXIT_USER_ERROR
     bar = Bar(sys.stderr)
     options = Options(
         base_dir=Path(path).resolve().parent,

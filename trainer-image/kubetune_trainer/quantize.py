@@ -224,8 +224,8 @@ def one_format(
     outcome = Outcome(format=name)
     try:
         if name in GGUF_TYPES:
-            write_gguf(merged_dir, out / "model.gguf", GGUF_TYPES[name])
-            model, tokenizer = load_gguf(out, "model.gguf", device)
+            write_gguf(merged_dir, out / api.GGUF_FILE, GGUF_TYPES[name])
+            model, tokenizer = load_gguf(out, api.GGUF_FILE, device)
         else:
             outcome.notes = write_bitsandbytes(name, merged_dir, out, device)
             model, tokenizer = load_bitsandbytes(out, device)

@@ -51,10 +51,17 @@ TOKENIZER_FILES = (
 
 
 def test_prompts(
-    config: api.TrainerConfig, tokenizer_dir: Path, workdir: Path, base_dir: Path | None = None
+    config: api.TrainerConfig,
+    tokenizer_dir: Path,
+    workdir: Path,
+    base_dir: Path | None = None,
+    output_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """The test split's prompts as the trainer lays them out, with their real lengths:
-    [{prompt, prompt_tokens_count, output_tokens_count}], at most load.maxPrompts rows."""
+    [{prompt, prompt_tokens_count, output_tokens_count}], at most load.maxPrompts rows.
+    guidellm sends output_tokens_count as max_tokens with ignore_eos, so every answer is that
+    long; ``output_tokens`` gives every request that length instead (a benchmark's fixed
+    output length)."""
     from .__main__ import Options, load_data
     from .data import encode, prompt_ids, special_prefix
     from .model import load_tokenizer
@@ -83,7 +90,7 @@ def test_prompts(
             {
                 "prompt": text,
                 "prompt_tokens_count": len(ids),
-                "output_tokens_count": min(answer, load.maxOutputTokens),
+                "output_tokens_count": output_tokens or min(answer, load.maxOutputTokens),
             }
         )
     return prompts
@@ -186,12 +193,13 @@ def load_test(
     workdir: Path,
     base_dir: Path | None = None,
     report_copy: Path | None = None,
+    output_tokens: int | None = None,
 ) -> list[api.StagingResults]:
     """Prompts from the test split -> guidellm -> results (cost included)."""
     spec = config.spec
     assert spec.staging is not None
     load = spec.staging.load
-    prompts = test_prompts(config, tokenizer_dir, workdir, base_dir)
+    prompts = test_prompts(config, tokenizer_dir, workdir, base_dir, output_tokens)
     data = workdir / "prompts.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in repeated(prompts, load)))
     output = workdir / "guidellm.json"
@@ -254,16 +262,41 @@ def local_engine_args(
     if served is None:
         raise UserError(f"spec.staging.artifact: {problem}")
     local = {k: str(resolve(k, v)) for k, v in served.sources.items()}
-    model = local["base"] if served.lora else next(iter(local.values()))
+    if served.lora:
+        model = local["base"]
+    elif staging.artifact in local:  # merged or a quantized export (GGUF: its one file)
+        model = local[staging.artifact]
+        if api.is_gguf_format(staging.artifact):
+            model = str(Path(model) / api.GGUF_FILE)
+    else:
+        model = next(iter(local.values()))
     return st.engine_args(
         staging,
         served,
         lora_rank=st.lora_rank(spec),
         model=model,
         adapter=local.get("adapter"),
+        tokenizer=local.get("tokenizer"),
         host="127.0.0.1",
         port=port,
     )[2:]
+
+
+def missing_loader(venv: Path, artifact: str) -> str | None:
+    """Why the vLLM in ``venv`` cannot serve a quantized export (None: it has the loader, or
+    the artifact is not one): its quantization package must hold a module for the loader."""
+    if artifact not in api.QUANTIZE_FORMATS:
+        return None
+    loader = api.quantized_loader(artifact)
+    package = "lib/python*/site-packages/vllm/model_executor/layers/quantization"
+    if next(venv.glob(f"{package}/{loader}.py"), None) is not None:
+        return None
+    versions = sorted(venv.glob("lib/python*/site-packages/vllm*.dist-info"))
+    which = versions[-1].name.removesuffix(".dist-info") if versions else "vllm"
+    return (
+        f"spec.staging.artifact: {artifact}: the vLLM at {venv} ({which}) has no {loader} "
+        f"loader, so it cannot serve this export; serve merged"
+    )
 
 
 def engine_command(venv: Path, serve_args: list[str]) -> list[str]:
@@ -299,6 +332,9 @@ def run_local(
     staging = spec.staging
     assert staging is not None
     venv = vllm_venv()
+    why = missing_loader(venv, staging.artifact)
+    if why:
+        raise UserError(why)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: enough for staging on a laptop
