@@ -954,7 +954,9 @@ class StagingSpec(ApiModel):
             default="adapter",
             description="What to serve: adapter (the LoRA adapter on the base model), merged "
             "(the merged model, or the fully tuned one with method full), or the name of a "
-            "quantized export from spec.output.quantize.",
+            "quantized export from spec.output.quantize (needs staging.image: the default "
+            "engine, vLLM 0.32, loads neither GGUF nor bitsandbytes; a GGUF file is served "
+            "with --tokenizer).",
         )
     )
     maxModelLen: int | None = Field(
