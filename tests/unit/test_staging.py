@@ -544,6 +544,11 @@ def test_prompts_are_repeated_to_last_the_benchmark() -> None:
     assert len(out) == 41 and out[:3] == prompts and out[3] == prompts[0]
     many = [{"prompt": str(i)} for i in range(100)]
     assert len(runner.repeated(many, api.LoadProfileSpec(rate=1, durationSeconds=5))) == 100
+    # a closed loop of 4 streams for 15 s: enough for 10 requests a second per stream, twice
+    sweep = api.LoadProfileSpec(type="concurrency", concurrency=[1, 4], durationSeconds=15)
+    assert (
+        len(runner.repeated(prompts, sweep)) == 4 * runner.STREAM_REQUESTS_PER_SECOND * 15 * 2 + 1
+    )
 
 
 def test_local_engine_uses_local_paths_on_loopback(tmp_path: Path) -> None:

@@ -96,11 +96,17 @@ def test_prompts(
     return prompts
 
 
+# Requests one closed-loop stream may finish per second (short answers of a small model on
+# CPU came to ~5.5 per stream at concurrency 4): the prompts must last that long.
+STREAM_REQUESTS_PER_SECOND = 10
+
+
 def repeated(prompts: list[dict[str, Any]], load: api.LoadProfileSpec) -> list[dict[str, Any]]:
     """The prompts, repeated so that a benchmark does not run out of them before its duration
-    (guidellm ends a benchmark when its data is used up): twice what the profile can ask for
-    at one request per second per stream."""
-    per_second = load.rate if load.type != "concurrency" else max(load.concurrency or [1])
+    (guidellm ends a benchmark when its data is used up): twice what the profile can ask for,
+    a concurrency level at STREAM_REQUESTS_PER_SECOND per stream."""
+    streams = max(load.concurrency or [1]) * STREAM_REQUESTS_PER_SECOND
+    per_second = load.rate if load.type != "concurrency" else streams
     needed = min(100_000, int((per_second or 1) * load.durationSeconds * 2) + 1)
     rounds = max(1, -(-needed // len(prompts)))
     return (prompts * rounds)[: max(needed, len(prompts))]
