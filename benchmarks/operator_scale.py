@@ -41,15 +41,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kubetune import api, render  # noqa: E402
-from tests.support.cluster import FTJ, Session  # noqa: E402
+from tests.support.cluster import FTJ, Session, established  # noqa: E402
 from tests.support.kube import ApiStatus, Kube  # noqa: E402
 
 WRITES = ("create", "patch", "update")
-BASELINE_NS, BENCH_NS = "baseline", "bench"
+BASELINE_NS, BENCH_NS, CREATE_NS = "baseline", "bench", "create-cost"
+NO_CEL_GROUP, NO_SCHEMA_GROUP = "nocel.bench.kubetune.io", "noschema.bench.kubetune.io"
 
 
 def manifest(i: int) -> dict[str, Any]:
@@ -89,6 +92,20 @@ def now_stamp() -> str:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_by_process(session: Session) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process and of the operator."""
+    pids = {name: proc.pid for name, proc in session.plane.procs.items()}
+    if session.operator is not None:
+        pids["operator"] = session.operator.pid
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def cpu_since(before: dict[str, float], session: Session, n: int) -> dict[str, float]:
+    """CPU seconds per job of each process since ``before``."""
+    after = cpu_by_process(session)
+    return {name: round((after[name] - before.get(name, 0.0)) / n, 4) for name in sorted(after)}
 
 
 def peak_rss(pid: int) -> int:
@@ -131,6 +148,8 @@ class Watcher(threading.Thread):
         self.kube, self.api_version, self.plural, self.ns = kube, api_version, plural, ns
         self.rules = rules  # mark -> predicate on the object's status
         self.marks: dict[str, dict[str, tuple[float, str]]] = {m: {} for m in rules}
+        # name -> each (phase, message) its status went through, in order
+        self.history: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -146,6 +165,9 @@ class Watcher(threading.Thread):
                         break
                     version = obj["metadata"]["resourceVersion"]
                     status, name = obj.get("status") or {}, obj["metadata"]["name"]
+                    seen = (str(status.get("phase")), str(status.get("message")))
+                    if status and self.history[name][-1:] != [seen]:
+                        self.history[name].append(seen)
                     for mark, holds in self.rules.items():
                         if holds(status):
                             self.marks[mark].setdefault(name, (time.monotonic(), now_stamp()))
@@ -172,13 +194,13 @@ def baseline(session: Session, kube: Kube, n: int, timeout: float) -> dict[str, 
     )
     watcher.start()
     time.sleep(1.0)
-    cpu = cpu_seconds(pid)
+    cpu, processes = cpu_seconds(pid), cpu_by_process(session)
     start = time.monotonic()
     created = create_all(kube, "batch/v1", "jobs", BASELINE_NS, [plain_job(i) for i in range(n)])
     wait_until(
         "every plain Job's pod ready", lambda: watcher.count("ready") == n, timeout, session.check
     )
-    cpu = cpu_seconds(pid) - cpu
+    cpu, processes = cpu_seconds(pid) - cpu, cpu_since(processes, session, n)
     watcher.stop.set()
     result = {
         "created_all_in_s": round(created, 1),
@@ -189,6 +211,7 @@ def baseline(session: Session, kube: Kube, n: int, timeout: float) -> dict[str, 
             watcher.last("ready", start) if watcher.count("ready") == n else None
         ),
         "apiserver_cpu_s_per_job": round(cpu / n, 4),
+        "cpu_s_per_job_by_process": processes,
     }
     kube.delete("v1", "namespaces", None, BASELINE_NS)  # and wait: a clean start for ours
     wait_until(
@@ -197,6 +220,98 @@ def baseline(session: Session, kube: Kube, n: int, timeout: float) -> dict[str, 
         timeout,
         session.check,
     )
+    return result
+
+
+def _without_cel(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_cel(v) for k, v in node.items() if k != "x-kubernetes-validations"}
+    if isinstance(node, list):
+        return [_without_cel(v) for v in node]
+    return node
+
+
+def crd_variant(group: str, *, schema: bool) -> dict[str, Any]:
+    """Our FineTuneJob CRD under another group, without its CEL rules (``schema``: the same
+    structural schema otherwise) or without any schema (every object accepted as it is)."""
+    crd = yaml.safe_load((ROOT / "crds" / f"finetunejobs.{api.GROUP}.yaml").read_text())
+    crd = _without_cel(crd)
+    crd["metadata"] = {"name": f"{api.PLURAL}.{group}"}
+    crd["spec"]["group"] = group
+    crd["spec"]["names"] = {k: crd["spec"]["names"][k] for k in ("kind", "listKind", "plural")}
+    if not schema:
+        for version in crd["spec"]["versions"]:
+            version["schema"] = {
+                "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+            }
+    return crd
+
+
+def create_cost(session: Session, kube: Kube, n: int, timeout: float) -> dict[str, Any]:
+    """What the API server spends creating one object, with nothing reacting to the creates
+    (the operator stopped): n ConfigMaps (the one the operator renders), n FineTuneJobs (our
+    CRD: structural schema with defaults, and CEL rules), and n of each of two copies of the
+    CRD under other groups, one without the CEL rules, one without any schema."""
+    pid = session.plane.procs["kube-apiserver"].pid
+    variants = {"no_cel": crd_variant(NO_CEL_GROUP, schema=True)}
+    variants["no_schema"] = crd_variant(NO_SCHEMA_GROUP, schema=False)
+    for crd in variants.values():
+        kube.create("apiextensions.k8s.io/v1", "customresourcedefinitions", None, crd)
+    names = [crd["metadata"]["name"] for crd in variants.values()]
+    wait_until("the CRD copies Established", lambda: established(kube, names), 60, session.check)
+    time.sleep(5.0)  # a CRD established a moment ago answers 429 for a few seconds
+    kube.create("v1", "namespaces", None, {"metadata": {"name": CREATE_NS}})
+    session.stop_operator()
+
+    def configmap(i: int) -> dict[str, Any]:
+        doc = manifest(i)
+        doc["metadata"]["namespace"] = CREATE_NS
+        job = api.parse_job(doc)
+        cm = render.render(job, uid="0", default_image="kubetune-trainer:t").config_map
+        cm["metadata"] = {"name": cm["metadata"]["name"], "namespace": CREATE_NS}
+        return cm
+
+    def custom(api_version: str) -> Callable[[int], dict[str, Any]]:
+        def one(i: int) -> dict[str, Any]:
+            doc = manifest(i)
+            doc["apiVersion"], doc["metadata"]["namespace"] = api_version, CREATE_NS
+            return doc
+
+        return one
+
+    series: dict[str, tuple[str, str, Callable[[int], dict[str, Any]]]] = {
+        "configmap": ("v1", "configmaps", configmap),
+        "finetunejob": (FTJ, api.PLURAL, custom(FTJ)),
+        "finetunejob_without_cel": (
+            f"{NO_CEL_GROUP}/{api.VERSION}",
+            api.PLURAL,
+            custom(f"{NO_CEL_GROUP}/{api.VERSION}"),
+        ),
+        "finetunejob_without_schema": (
+            f"{NO_SCHEMA_GROUP}/{api.VERSION}",
+            api.PLURAL,
+            custom(f"{NO_SCHEMA_GROUP}/{api.VERSION}"),
+        ),
+    }
+    result: dict[str, Any] = {}
+    for what, (api_version, plural, make) in series.items():
+        docs = [make(i) for i in range(n)]
+        cpu = cpu_seconds(pid)
+        wall = create_all(kube, api_version, plural, CREATE_NS, docs)
+        cpu = cpu_seconds(pid) - cpu
+        result[what] = {
+            "created_all_in_s": round(wall, 1),
+            "apiserver_cpu_ms_per_object": round(1000 * cpu / n, 1),
+        }
+    kube.delete("v1", "namespaces", None, CREATE_NS)
+    wait_until(
+        "the create-cost namespace gone",
+        lambda: kube.get("v1", "namespaces", None, CREATE_NS) is None,
+        timeout,
+        session.check,
+    )
+    for name in names:
+        kube.delete("apiextensions.k8s.io/v1", "customresourcedefinitions", None, name)
     return result
 
 
@@ -241,13 +356,13 @@ def operator(
     watcher.start()
     time.sleep(1.0)
     since = now_stamp()
-    cpu = cpu_seconds(pid)
+    cpu, processes = cpu_seconds(pid), cpu_by_process(session)
     start = time.monotonic()
     created = create_all(kube, FTJ, "finetunejobs", BENCH_NS, [manifest(i) for i in range(n)])
     wait_until(
         "every FineTuneJob Running", lambda: watcher.count("running") == n, timeout, session.check
     )
-    cpu = cpu_seconds(pid) - cpu
+    cpu, processes = cpu_seconds(pid) - cpu, cpu_since(processes, session, n)
     watcher.stop.set()
     jobs = len(kube.list("batch/v1", "jobs", BENCH_NS))
     reconciled_at = watcher.last("reconciled", start) if watcher.count("reconciled") == n else None
@@ -266,14 +381,18 @@ def operator(
     for name in names:
         owner.update({name: name, f"{name}-config": name, f"{name}-trainer": name})
     per_job: collections.Counter[str] = collections.Counter()
+    writes_of: dict[str, list[str]] = collections.defaultdict(list)
     by_kind: collections.Counter[str] = collections.Counter()
     event_posts = requests = 0
     for event in events:
         job = owner.get(event["objectRef"].get("name", ""))
-        if job in running_since and event["stageTimestamp"] <= running_since[job]:
+        # Received before the watch showed it Running: the write that made it Running too
+        # (its response can complete after the watch event went out).
+        if job in running_since and event["requestReceivedTimestamp"] <= running_since[job]:
             requests += 1
             if is_write(event) and event["objectRef"]["resource"] != "events":
                 per_job[job] += 1
+                writes_of[job].append(f"{event['verb']} {label(event)}")
                 by_kind[f"{event['verb']} {label(event)}"] += 1
         if is_write(event) and event["objectRef"]["resource"] == "events":
             event_posts += event["stageTimestamp"] < window_start
@@ -285,18 +404,25 @@ def operator(
         and window_start <= e["stageTimestamp"] <= window_end
     )
     counts = [per_job[name] for name in names if name in running_since]
+    most = max((name for name in names if name in running_since), key=per_job.__getitem__)
     return {
         "created_all_in_s": round(created, 1),
         "all_reconciled_in_s": _round(reconciled_at if jobs == n else None),
         "jobs_created": jobs,
         "all_running_in_s": _round(running_at),
         "apiserver_cpu_s_per_job": round(cpu / n, 4),
+        "cpu_s_per_job_by_process": processes,
         "object_writes_per_job_to_its_running": {
             "jobs_measured": len(counts),
             "min": min(counts, default=None),
             "mean": round(sum(counts) / max(len(counts), 1), 2),
             "max": max(counts, default=None),
             "by_kind": {k: round(v / max(len(counts), 1), 2) for k, v in sorted(by_kind.items())},
+            "one_with_the_most": {
+                "name": most,
+                "writes": writes_of[most],
+                "statuses_seen": [f"{p}: {m}" for p, m in watcher.history[most]],
+            },
         },
         "operator_requests_per_job_to_its_running": round(requests / max(len(counts), 1), 2),
         "events_posted_per_job_to_running": round(event_posts / n, 2),
@@ -306,12 +432,36 @@ def operator(
     }
 
 
+def dump_profile(pid: int, out: Path, timeout: float = 120.0) -> None:
+    """Ask the operator's profiling hook for its stacks (and allocations) now: SIGUSR2."""
+    marker = out / "dumped"
+    marker.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--running-seconds", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--no-create-cost", action="store_true", help="skip the create-cost series (faster)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="sample the operator's stack into DIR/stacks.txt (benchmarks/profiling)",
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="with --profile: also DIR/memory.txt, the operator's live allocations at the end "
+        "(slows it and inflates its RSS: not for the timing figures)",
+    )
     args = parser.parse_args()
 
     from kubetune_trainer.report import Telemetry
@@ -340,9 +490,21 @@ def main() -> int:
             threading.Thread(target=tick, daemon=True).start()
             admin = Kube(session.plane.kubeconfig, timeout=120)
             base = baseline(session, admin, n, args.timeout)
-            session.restart_operator(KUBETUNE_PROGRESS_MIN_INTERVAL="10")  # the default
+            cost = None if args.no_create_cost else create_cost(session, admin, n, args.timeout)
+            profiling = {}
+            if args.profile:
+                profiling = {
+                    "PYTHONPATH": f"{ROOT / 'benchmarks' / 'profiling'}:"
+                    + os.environ.get("PYTHONPATH", ""),
+                    "KUBETUNE_BENCH_PROFILE": str(args.profile.resolve()),
+                    "KUBETUNE_BENCH_TRACEMALLOC": "1" if args.tracemalloc else "",
+                }
+            # The default progress interval (the session's tests lower it).
+            session.restart_operator(KUBETUNE_PROGRESS_MIN_INTERVAL="10", **profiling)
             ours = operator(session, admin, n, args.running_seconds, args.timeout)
             ticking.set()
+            if args.profile and session.operator is not None:
+                dump_profile(session.operator.pid, args.profile)
             forbidden = len(session.forbidden())
         except ApiStatus as error:
             print(f"error: {error}", file=sys.stderr)
@@ -360,6 +522,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "load_average_1m_at_end": round(os.getloadavg()[0], 1),
         "baseline_job_controller": base,
+        "create_cost_nothing_reacting": cost,
         "operator": ours,
         "ratio_operator_to_job_controller": {
             "reconciled_vs_pods_created": ratio(
