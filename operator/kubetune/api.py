@@ -39,6 +39,8 @@ CATEGORIES = ["kubetune"]
 MAX_NAME_LENGTH = 52
 # The API server refuses an object whose annotations (keys + values) exceed 256 KiB.
 MAX_ANNOTATIONS_BYTES = 256 * 1024
+# status.lastHandledConfiguration: no tighter than a whole object may be (etcd's 1.5 MiB).
+MAX_HANDLED_CONFIGURATION = 3 * 512 * 1024
 
 # A storage location: s3://bucket[/prefix], file:///abs/path, or a plain path (local mode).
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|[^:]+)$"
@@ -1435,6 +1437,12 @@ class FineTuneJobStatus(ApiModel):
     )
     staging: StagingStatus | None = Field(
         default=None, description="The staging load test (spec.staging)."
+    )
+    lastHandledConfiguration: str | None = Field(
+        default=None,
+        max_length=MAX_HANDLED_CONFIGURATION,
+        description="The operator's own record (JSON) of the spec, labels and annotations it "
+        "last acted on: how it tells a spec change from a status write. Not for users.",
     )
 
 

@@ -107,6 +107,21 @@ def _snapshot(body: kopf.Body, *, job: bool = False) -> dict[str, Any]:
     return kept
 
 
+class StatusDiffBase(kopf.MultiDiffBaseStorage):
+    """kopf's diff base (the spec it last handled) in ``status.lastHandledConfiguration``,
+    written with the handler's own status patch: one request instead of a status patch and
+    an annotations patch. Also read from the annotation where an older operator kept it (so
+    that after an upgrade no object looks new); written only to status."""
+
+    def __init__(self) -> None:
+        self.status = kopf.StatusDiffBaseStorage(field="status.lastHandledConfiguration")
+        legacy = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP, key="last-handled-configuration")
+        super().__init__([self.status, legacy])
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        self.status.store(body=body, patch=patch, essence=essence)
+
+
 class Operator:
     """The handlers with their settings and API client; `register` wires them into kopf."""
 
@@ -489,7 +504,10 @@ class Operator:
 
     def scraper(self) -> aiohttp.ClientSession:
         if self._scraper is None or self._scraper.closed:
-            self._scraper = aiohttp.ClientSession()
+            # The trainer's server closes each connection: none to keep, at most a few open.
+            self._scraper = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=k8s.CLIENT_CONNECTIONS, force_close=True)
+            )
         return self._scraper
 
     async def close(self) -> None:
@@ -524,9 +542,7 @@ def register(
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = f"{api.GROUP}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=api.GROUP, key="last-handled-configuration"
-        )
+        settings.persistence.diffbase_storage = StatusDiffBase()
         settings.peering.standalone = True  # one replica; no peering CRDs to install
         # No CRD scanning unless granted: the chart's RBAC has no list/watch on CRDs by default.
         settings.scanning.disabled = not config.watch_crds
@@ -549,8 +565,9 @@ def register(
         scope = f"{base}/namespaces/{namespace}" if namespace else base
         await op.client.wait_served([f"{scope}/{api.PLURAL}", f"{scope}/{sweep_api.PLURAL}"])
 
-    # A custom registry does not get kopf's default login; the API client logs in the same way.
-    kopf.on.login(registry=registry)(k8s.login)
+    # A custom registry does not get kopf's default login; the API client logs in the same way
+    # (kopf's session gets a bounded connection pool).
+    kopf.on.login(registry=registry)(k8s.kopf_login)
 
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
@@ -564,7 +581,7 @@ def register(
         labels={render.LABEL_JOB: kopf.PRESENT},
         registry=registry,
     )
-    def trainer_jobs(
+    async def trainer_jobs(
         *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> Any:
         return {(namespace, labels[render.LABEL_JOB]): _snapshot(body, job=True)}
@@ -572,7 +589,7 @@ def register(
     @kopf.index(
         "v1", "pods", id="trainer_pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=registry
     )
-    def trainer_pods(
+    async def trainer_pods(
         *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> Any:
         return {(namespace, labels[render.LABEL_JOB]): _snapshot(body)}
@@ -632,7 +649,7 @@ def register(
     sweep_handlers.register(registry, op.client, config.progress_interval)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
-    def deleted(*, namespace: str | None, name: str, **_: Any) -> None:
+    async def deleted(*, namespace: str | None, name: str, **_: Any) -> None:
         # Children (ConfigMap, Job, pods, Service) go by owner reference; artifacts stay.
         metrics.job_deleted(namespace or "default", name)
 

@@ -99,6 +99,36 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_via_client(**kwargs)
 
 
+# Connections kopf may open to the API server at once (its watch streams included, about six).
+# kopf's own session has no bound: 300 jobs' handlers and timers patching at once held 230 TLS
+# connections, ~0.2 MB each (asyncio's 128 KiB TLS buffer and OpenSSL's); more buy nothing
+# from an API server that serves them from a few cores.
+KOPF_CONNECTIONS = 24
+# The same for this module's client (children, Job gets) and for the trainer scrapes.
+CLIENT_CONNECTIONS = 16
+
+
+async def kopf_login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    """kopf's login handler: :func:`login`'s credentials in an HTTP session whose connection
+    pool is bounded (``KOPF_CONNECTIONS``); kopf closes it when it logs in again."""
+    info = await asyncio.to_thread(login, **kwargs)
+    if info is None:
+        return None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        aiohttp_session=session,
+        server=info.server,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+        priority=info.priority,
+    )
+
+
 Login = Callable[[], Awaitable[kopf.ConnectionInfo]]
 
 
@@ -160,6 +190,14 @@ class Client:
                     raise ApiError(0, "LoginError", str(error)) from error
             return auth
 
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=CLIENT_CONNECTIONS),
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+        return self._session
+
     async def _request(
         self,
         method: str,
@@ -190,15 +228,14 @@ class Client:
     async def _send(
         self, auth: _Credentials, method: str, path: str, body: Any, content_type: str
     ) -> Any:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        session = self._http()
         headers = {
             **auth.headers,
             "Content-Type": content_type,
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
         }
-        async with self._session.request(
+        async with session.request(
             method, auth.server + path, json=body, headers=headers, ssl=auth.ssl
         ) as response:
             data = await response.json(content_type=None)
@@ -267,15 +304,14 @@ class Client:
     async def pod_log(self, namespace: str, pod: str, container: str, lines: int) -> str:
         """The last ``lines`` lines of a container's log ('' when there is none yet)."""
         auth = await self._authenticated()
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        session = self._http()
         url = (
             f"{auth.server}/api/v1/namespaces/{namespace}/pods/{pod}/log"
             f"?container={container}&tailLines={lines}"
         )
         headers = {**auth.headers, "User-Agent": USER_AGENT}
         try:
-            async with self._session.get(url, headers=headers, ssl=auth.ssl) as response:
+            async with session.get(url, headers=headers, ssl=auth.ssl) as response:
                 if response.status >= 400:
                     metrics.api_error("get_pods_log", str(response.status))
                     return ""
@@ -289,12 +325,11 @@ class Client:
         open to every authenticated user: no RBAC needed; an unknown group is a plain-text
         404.)"""
         auth = await self._authenticated()
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        session = self._http()
         headers = {**auth.headers, "Accept": "application/json", "User-Agent": USER_AGENT}
         url = f"{auth.server}/apis/{group_version}"
         try:
-            async with self._session.get(url, headers=headers, ssl=auth.ssl) as response:
+            async with session.get(url, headers=headers, ssl=auth.ssl) as response:
                 if response.status != 200:
                     return False
                 data = await response.json(content_type=None)

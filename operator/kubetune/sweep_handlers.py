@@ -42,7 +42,7 @@ def register(registry: kopf.OperatorRegistry, client: k8s.Client, interval: floa
         labels={sweep.LABEL_SWEEP: kopf.PRESENT},
         registry=registry,
     )
-    def sweep_trials(
+    async def sweep_trials(
         *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> Any:
         plain = {k: copy.deepcopy(dict(body.get(k) or {})) for k in ("metadata", "spec", "status")}
@@ -112,7 +112,7 @@ def register(registry: kopf.OperatorRegistry, client: k8s.Client, interval: floa
         return status.get("phase") not in ("Succeeded", "Failed")
 
     @kopf.on.delete(*RESOURCE, id="sweep-deleted", registry=registry)
-    def deleted(*, namespace: str | None, name: str, **_: Any) -> None:
+    async def deleted(*, namespace: str | None, name: str, **_: Any) -> None:
         # Trials go by owner reference (the garbage collector); the operator forgets its series.
         metrics.sweep_deleted(namespace or "default", name)
 
