@@ -1444,6 +1444,11 @@ class FineTuneJobStatus(ApiModel):
         description="The operator's own record (JSON) of the spec, labels and annotations it "
         "last acted on: how it tells a spec change from a status write. Not for users.",
     )
+    handlerProgress: dict[str, Any] | None = Field(
+        default=None,
+        description="The operator's own record of a handler being retried (attempts, next "
+        "try); empty once it succeeds. Not for users.",
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ from kubetune.settings import Settings
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 log = logging.getLogger(__name__)
-_STATUS_FIELDS = set(api.FineTuneJobStatus.model_fields)
+# kopf's own fields in status: kopf writes them, the handlers' status patches never do.
+_KOPF_FIELDS = {"lastHandledConfiguration", "handlerProgress"}
+_STATUS_FIELDS = set(api.FineTuneJobStatus.model_fields) - _KOPF_FIELDS
 
 
 def _now() -> datetime:
@@ -57,7 +59,8 @@ def _created(meta: Mapping[str, Any]) -> datetime | None:
 
 
 def _stored_status(raw: Mapping[str, Any]) -> api.FineTuneJobStatus:
-    """The status as stored; unknown keys (another tool's) are ignored, not fatal."""
+    """The status as stored, without kopf's fields; unknown keys (another tool's) are
+    ignored, not fatal."""
     known = {k: v for k, v in raw.items() if k in _STATUS_FIELDS}
     try:
         return api.FineTuneJobStatus.model_validate(known)
@@ -541,7 +544,12 @@ def register(
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = f"{api.GROUP}/finalizer"
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+        # kopf's bookkeeping in status, where the handlers' own status patch carries it: kopf
+        # writes no annotations (they cost a second request per reconcile, and the event in
+        # between looked like a new object when the status half came late).
+        settings.persistence.progress_storage = kopf.StatusProgressStorage(
+            field="status.handlerProgress", touch_field="status.handlerProgress.touch"
+        )
         settings.persistence.diffbase_storage = StatusDiffBase()
         settings.peering.standalone = True  # one replica; no peering CRDs to install
         # No CRD scanning unless granted: the chart's RBAC has no list/watch on CRDs by default.

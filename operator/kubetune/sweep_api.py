@@ -289,6 +289,11 @@ class FineTuneSweepStatus(api.ApiModel):
         description="The operator's own record (JSON) of the spec, labels and annotations it "
         "last acted on: how it tells a spec change from a status write. Not for users.",
     )
+    handlerProgress: dict[str, Any] | None = Field(
+        default=None,
+        description="The operator's own record of a handler being retried (attempts, next "
+        "try); empty once it succeeds. Not for users.",
+    )
 
 
 class SweepMeta(BaseModel):
