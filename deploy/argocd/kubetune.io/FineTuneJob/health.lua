@@ -6,6 +6,9 @@
 --   condition Validated=False, phase Failed           -> Degraded
 --   phase Succeeded, condition GatesPassed=False      -> Degraded (trained, but the model
 --                                                      misses its quality gates)
+--   phase Succeeded, condition Promoted=False with     -> Degraded (trained and gated, but
+--   reason PromotionFailed                              the registry step or the promote
+--                                                      Job failed)
 --   phase Succeeded                                   -> Healthy
 --   phase Suspended or spec.suspend                    -> Suspended
 --   phase Pending / Running / no status yet            -> Progressing (with step/percent)
@@ -87,6 +90,12 @@ if phase == "Succeeded" then
   if gates ~= nil and gates.status == "False" then
     hs.status = "Degraded"
     hs.message = "Quality gates " .. (gates.message or "failed")
+    return hs
+  end
+  local promoted = condition(status, "Promoted")
+  if promoted ~= nil and promoted.status == "False" and promoted.reason == "PromotionFailed" then
+    hs.status = "Degraded"
+    hs.message = "Promotion failed: " .. (promoted.message or "see status.promotion")
     return hs
   end
   hs.status = "Healthy"
