@@ -145,11 +145,7 @@ class Operator:
         """status.plan and the DoesNotFit reason, when planning is on and the model's headers
         can be read (S3, the operator's identity); (None, None) otherwise: the job goes on."""
         source = job.spec.model.source
-        if (
-            not self.config.plan_models
-            or not source.startswith("s3://")
-            or source.endswith(".gguf")
-        ):
+        if not self.config.plan_models or not source.startswith("s3://"):
             return None, None
         try:
             config, tensors = await asyncio.to_thread(

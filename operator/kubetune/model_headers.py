@@ -1,5 +1,6 @@
 """A model's config.json and safetensors headers from S3, for the operator's plan (no weights:
-two ranged reads per safetensors file, the 8-byte length and the JSON header).
+two ranged reads per safetensors file, the 8-byte length and the JSON header), or a .gguf
+file's header (ranged reads of its first MiBs until the header ends: kubetune.gguf_header).
 
 It reads with the operator's own identity (boto3's default chain), never a job's Secret: the
 operator holds no read access to Secrets. Give that identity read access to the model buckets
@@ -12,7 +13,7 @@ import json
 import struct
 from typing import Any
 
-from kubetune import api, plan
+from kubetune import api, gguf_header, plan
 
 
 class Unreadable(Exception):
@@ -20,7 +21,8 @@ class Unreadable(Exception):
 
 
 def read_s3_model(source: str, s3: api.S3Spec) -> tuple[dict[str, Any], list[plan.Tensor]]:
-    """config.json and every tensor header of an s3://bucket/prefix model folder."""
+    """config.json and every tensor header of an s3://bucket/prefix model folder, or the
+    planner's config and tensors of an s3://bucket/key.gguf file."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
@@ -41,6 +43,12 @@ def read_s3_model(source: str, s3: api.S3Spec) -> tuple[dict[str, Any], list[pla
 
     base = f"{prefix}/" if prefix else ""
     try:
+        if api.is_gguf_source(source):
+            size = int(client.head_object(Bucket=bucket, Key=prefix)["ContentLength"])
+            header = gguf_header.read(
+                lambda n: read(prefix, f"bytes=0-{n - 1}"), size, source.rsplit("/", 1)[-1]
+            )
+            return gguf_header.as_model(header, source)
         config = json.loads(read(f"{base}config.json"))
         keys = sorted(
             o["Key"]

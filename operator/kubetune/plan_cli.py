@@ -1,9 +1,10 @@
 """`kubetune plan job.yaml [--gpu-memory 80Gi] [--gpu A100-80GB]`: the planner on a manifest.
 
-Reads the manifest, the model folder's config.json and safetensors headers, and counts the
-training split's tokens with the model's tokenizer when the dataset is a local file (for the
-time per epoch). Exit 0: the requested method fits (or no device memory was given); 1: it does
-not fit (the recommendation says what would); 10: bad input, one error line.
+Reads the manifest, the model folder's config.json and safetensors headers (or a .gguf file's
+header: kubetune.gguf_header), and counts the training split's tokens with the model's
+tokenizer when the dataset is a local file and the model a folder (for the time per epoch).
+Exit 0: the requested method fits (or no device memory was given); 10: it does not fit (a
+DoesNotFit: line; the recommendation says what would), or bad input (one error line).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from kubetune import api, manifests, plan
+from kubetune import api, gguf_header, manifests, plan
 
 
 def _local(uri: str, base: Path) -> Path | None:
@@ -52,6 +53,14 @@ def count_tokens(dataset: Path, model: Path, train_fraction: float) -> int | Non
     return int(total * train_fraction)
 
 
+def gguf_note(header: gguf_header.GGUFHeader, size: int) -> str:
+    return (
+        f"a .gguf file ({plan.gib(size)}; {gguf_header.file_types(header)}): the trainer "
+        "dequantizes it to float32 and trains that, so the estimate is for the dequantized "
+        "model (its quality is that of the quantized weights)"
+    )
+
+
 def main(path: str, *, gpu_memory: str | None, gpu: str | None, as_json: bool) -> int:
     def fail(line: str) -> int:
         print(f"error: {line}", file=sys.stderr)
@@ -71,11 +80,6 @@ def main(path: str, *, gpu_memory: str | None, gpu: str | None, as_json: bool) -
             "spec.model.source: kubetune plan reads a local model folder (s3:// is "
             "not supported yet)"
         )
-    if api.is_gguf_source(spec.model.source):
-        return fail(
-            "spec.model.source: kubetune plan reads a model folder's safetensors headers; a "
-            ".gguf file is not supported yet (kubetune run dequantizes it into such a folder)"
-        )
     if gpu is not None and gpu not in plan.GPUS:
         return fail(f"--gpu: unknown GPU {gpu!r}; known: {', '.join(plan.GPUS)}")
     memory: int | None = None
@@ -86,8 +90,14 @@ def main(path: str, *, gpu_memory: str | None, gpu: str | None, as_json: bool) -
             memory = int(plan.GPUS[gpu][0] * plan.GIB)
     except ValueError as exc:
         return fail(f"--gpu-memory: {exc}")
+    notes: list[str] = []
     try:
-        config, tensors = plan.read_model(folder)
+        if api.is_gguf_source(spec.model.source):
+            header = gguf_header.read_local(folder)
+            config, tensors = gguf_header.as_model(header, folder.name)
+            notes.append(gguf_note(header, folder.stat().st_size))
+        else:
+            config, tensors = plan.read_model(folder)
     except (OSError, ValueError, KeyError) as exc:
         return fail(f"spec.model.source: cannot read the model's headers: {exc}")
     split = spec.dataset.split
@@ -97,11 +107,18 @@ def main(path: str, *, gpu_memory: str | None, gpu: str | None, as_json: bool) -
         - (0 if split.testSource else split.test)
     )
     dataset = _local(spec.dataset.source, base)
-    tokens = count_tokens(dataset, folder, train) if dataset and dataset.exists() else None
+    tokens = (
+        count_tokens(dataset, folder, train)
+        if dataset and dataset.exists() and folder.is_dir()
+        else None
+    )
+    if api.is_gguf_source(spec.model.source):
+        notes.append("training tokens not counted (no tokenizer.json next to a .gguf file)")
     on_gpu = spec.resources.gpus > 0
     result = plan.estimate(
         config, tensors, spec, device_memory=memory, gpu=gpu, tokens_per_epoch=tokens, on_gpu=on_gpu
     )
+    result.notes += notes
     if not on_gpu:
         result.notes.append("resources.gpus is 0: CPU, float32, no flash attention")
     if as_json:
