@@ -4,6 +4,7 @@ evaluation, the staging state machine and the conditions it leads to."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from datetime import UTC, datetime, timedelta
@@ -525,7 +526,7 @@ def test_guidellm_scenario_follows_the_profile(tmp_path: Path) -> None:
     common.update(tokenizer=tmp_path / "tok", output=tmp_path / "out.json")
     poisson = runner.guidellm_scenario(api.LoadProfileSpec(rate=2.5, durationSeconds=30), **common)
     spec = poisson["spec"]
-    assert spec["profile"] == {"kind": "poisson", "rate": [2.5]}
+    assert spec["profile"] == {"kind": "replay", "schedule_turn": "timestamp"}
     assert spec["constraints"] == [{"kind": "max_duration", "seconds": 30}]
     assert spec["backend"]["request_format"] == "/v1/completions"  # prompts are preformatted
     assert spec["backend"]["model"] == "tuned" and spec["backend"]["target"] == "http://e:8000"
@@ -541,7 +542,8 @@ def test_prompts_are_repeated_to_last_the_benchmark() -> None:
 
     prompts = [{"prompt": str(i)} for i in range(3)]
     out = runner.repeated(prompts, api.LoadProfileSpec(rate=2, durationSeconds=10))
-    assert len(out) == 41 and out[:3] == prompts and out[3] == prompts[0]
+    assert len(out) == 41 and out[3]["prompt"] == prompts[0]["prompt"]
+    assert [row["prompt"] for row in out[:3]] == ["0", "1", "2"]
     many = [{"prompt": str(i)} for i in range(100)]
     assert len(runner.repeated(many, api.LoadProfileSpec(rate=1, durationSeconds=5))) == 100
     # a closed loop of 4 streams for 15 s: enough for 10 requests a second per stream, twice
@@ -549,6 +551,29 @@ def test_prompts_are_repeated_to_last_the_benchmark() -> None:
     assert (
         len(runner.repeated(prompts, sweep)) == 4 * runner.STREAM_REQUESTS_PER_SECOND * 15 * 2 + 1
     )
+
+
+def test_poisson_and_constant_arrivals_are_ours_and_replayed() -> None:
+    """guidellm 0.8.1's poisson profile gives runs of equal gaps (and, on a loaded machine,
+    every request at once): arrival times are drawn here and replayed by guidellm."""
+    from kubetune_trainer import staging as runner
+
+    poisson = api.LoadProfileSpec(rate=4, durationSeconds=500)
+    times = runner.arrivals(poisson, 2000)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert times[0] == 0 and all(g >= 0 for g in gaps)
+    mean = sum(gaps) / len(gaps)
+    assert 0.95 * 0.25 < mean < 1.05 * 0.25  # mean gap 1/rate
+    cv = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean
+    assert 0.9 < cv < 1.1  # exponential gaps: as spread as they are long
+    assert len(set(round(g, 6) for g in gaps[:10])) == 10  # no runs of equal gaps
+    assert runner.arrivals(poisson, 50) == times[:50]  # the same in every run
+    constant = api.LoadProfileSpec(type="constant", rate=2, durationSeconds=10)
+    assert runner.arrivals(constant, 4) == [0.0, 0.5, 1.0, 1.5]
+    rows = runner.repeated([{"prompt": "a"}], constant)
+    assert [r["relative_timestamp"] for r in rows[:3]] == [0.0, 0.5, 1.0]
+    sweep = api.LoadProfileSpec(type="concurrency", concurrency=[2], durationSeconds=5)
+    assert "relative_timestamp" not in runner.repeated([{"prompt": "a"}], sweep)[0]
 
 
 def test_local_engine_uses_local_paths_on_loopback(tmp_path: Path) -> None:

@@ -109,7 +109,33 @@ def repeated(prompts: list[dict[str, Any]], load: api.LoadProfileSpec) -> list[d
     per_second = load.rate if load.type != "concurrency" else streams
     needed = min(100_000, int((per_second or 1) * load.durationSeconds * 2) + 1)
     rounds = max(1, -(-needed // len(prompts)))
-    return (prompts * rounds)[: max(needed, len(prompts))]
+    rows = (prompts * rounds)[: max(needed, len(prompts))]
+    if load.type == "concurrency":
+        return rows
+    # Each request's arrival, in seconds from the start: guidellm replays them (see
+    # guidellm_scenario); those after the benchmark's end are never sent.
+    times = arrivals(load, len(rows))
+    return [{**row, "relative_timestamp": t} for row, t in zip(rows, times, strict=True)]
+
+
+ARRIVAL_SEED = 0  # the same arrival times in every run, so that runs compare
+
+
+def arrivals(load: api.LoadProfileSpec, count: int) -> list[float]:
+    """Request start times for a constant (every 1/rate s) or poisson (exponential gaps of
+    mean 1/rate, seeded) profile. guidellm 0.8.1's own poisson profile is not a Poisson
+    process: each of its worker processes seeds the same generator, so arrivals come in runs
+    of equal gaps, and on a loaded machine every request can go at once."""
+    import random
+
+    rate = load.rate or 1.0
+    if load.type == "constant":
+        return [round(i / rate, 6) for i in range(count)]
+    rnd, now, out = random.Random(ARRIVAL_SEED), 0.0, []
+    for _ in range(count):
+        out.append(round(now, 6))
+        now += rnd.expovariate(rate)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,11 +152,13 @@ def guidellm_scenario(
     output: Path,
 ) -> dict[str, Any]:
     """guidellm's scenario (``guidellm run --scenario FILE``) for a load profile: one
-    benchmark, or one per concurrency level, each for load.durationSeconds."""
+    benchmark (the rows' own arrival times replayed), or one per concurrency level, each for
+    load.durationSeconds."""
     if load.type == "concurrency":
         profile: dict[str, Any] = {"kind": "concurrent", "streams": list(load.concurrency or [])}
     else:
-        profile = {"kind": load.type, "rate": [load.rate]}
+        # Arrival times of our own (each row's relative_timestamp, see arrivals), replayed.
+        profile = {"kind": "replay", "schedule_turn": "timestamp"}
     return {
         "spec": {
             "backend": {
@@ -230,6 +258,9 @@ def load_test(
     levels = st.parse_guidellm(report)
     if not levels:
         raise InfraError("guidellm's report has no benchmarks")
+    if load.type != "concurrency":  # guidellm calls a replay "trace"
+        label = f"{load.type} {load.rate:g}/s"
+        levels = [level.model_copy(update={"level": label}) for level in levels]
     return st.with_cost(spec.staging, levels)
 
 
