@@ -15,6 +15,7 @@ prompts. The match figures are printed (run with -s) and written in docs/trainer
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,3 +201,67 @@ def test_vllm_refuses_an_adapter_our_check_refuses(
     check_adapter(trained.out / "adapter", linear_modules(base))  # the original passes
     with pytest.raises(RuntimeError, match="DoRA"):
         adapter_server.post("/v1/load_lora_adapter", {"lora_name": "dora", "lora_path": str(bad)})
+
+
+@pytest.mark.parametrize(
+    ("fmt", "said"),
+    [
+        ("gguf-q8_0", "is not a valid JSON file"),
+        ("int8", "Unknown quantization method: bitsandbytes"),
+    ],
+)
+def test_vllm_cannot_serve_our_quantized_exports_and_staging_refuses_them_first(
+    tmp_path: Path, fmt: str, said: str
+) -> None:
+    """What api.VLLM_CANNOT_SERVE says is what vLLM 0.32 does: started the way `kubetune run`
+    stages the export (a GGUF file with --tokenizer the trainer's tokenizer; an int8 folder),
+    the real server exits with that error; the spec refuses the format without a staging image,
+    and `kubetune run`'s probe of this vLLM refuses it before anything starts."""
+    import torch
+
+    from kubetune_trainer import quantize
+    from kubetune_trainer import staging as runner
+
+    export = tmp_path / "quantized" / fmt
+    export.mkdir(parents=True)
+    if api.is_gguf_format(fmt):
+        quantize.write_gguf(tr.DEMO_MODEL, export / api.GGUF_FILE, quantize.GGUF_TYPES[fmt])
+    else:
+        quantize.write_bitsandbytes(fmt, tr.DEMO_MODEL, export, torch.device("cpu"))
+    spec = tr.spec_dict(tr.write_rows(tmp_path / "rows.jsonl", 40), tmp_path / "out")
+    spec["output"].update(mergeAdapter=True, quantize=[fmt])
+    spec["staging"] = {"gpus": 0, "artifact": fmt}
+    with pytest.raises(ValueError, match=f"{fmt}: the default staging engine cannot serve it"):
+        api.FineTuneJobSpec.model_validate(spec)
+    spec["staging"]["image"] = "registry.example.com/a-vllm-of-ones-own:1"
+    parsed = api.FineTuneJobSpec.model_validate(spec)
+    why = runner.missing_loader(vllm.VENV, fmt)
+    assert why is not None and f"no {api.quantized_loader(fmt)} loader" in why, why
+
+    exports = [api.QuantizedExport(format=fmt, uri=export.as_uri())]
+    artifacts = api.Artifacts(tokenizer=str(tr.DEMO_MODEL))
+    args = runner.local_engine_args(
+        parsed,
+        artifacts,
+        vllm.free_port(),
+        resolve=lambda _, uri: Path(uri.removeprefix("file://")),
+        quantized=exports,
+    )
+    if api.is_gguf_format(fmt):
+        assert args[0].endswith(api.GGUF_FILE) and args[args.index("--tokenizer") + 1]
+    log = tmp_path / "vllm.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            runner.engine_command(vllm.VENV, [*args, *FAST]),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=vllm.env(),
+            start_new_session=True,
+        )
+    try:
+        code = process.wait(timeout=600)
+    finally:
+        vllm.stop(process)
+    text = log.read_text(errors="replace")
+    assert code != 0 and said in text, vllm.log_tail(log)
+    print(f"\nvLLM on the {fmt} export: " + next(x for x in text.splitlines() if said in x)[:200])
