@@ -29,7 +29,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kubetune import api
 from kubetune.sweep_api import (
+    ANNOTATION_PARAMS,
+    ANNOTATION_PRUNED,
     KIND,
+    LABEL_SWEEP,
     BestTrial,
     FineTuneSweep,
     FineTuneSweepSpec,
@@ -536,10 +539,6 @@ def summarize(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> FineTu
 
 # --------------------------------------------------------------------------------------------
 # trials as FineTuneJobs (the cluster's side; pure: the caller lists and creates them)
-
-LABEL_SWEEP = "kubetune.io/finetunesweep"  # the owning sweep's name, on every trial
-ANNOTATION_PARAMS = "kubetune.io/trial-params"  # the trial's parameters (JSON)
-ANNOTATION_PRUNED = "kubetune.io/pruned"  # set (with spec.suspend) when the sweep prunes it
 
 
 def trial_job(sweep_obj: FineTuneSweep, uid: str, new: NewTrial) -> dict[str, Any]:

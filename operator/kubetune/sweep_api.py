@@ -53,6 +53,11 @@ Choice = Annotated[
 ]
 
 
+LABEL_SWEEP = "kubetune.io/finetunesweep"  # the owning sweep's name, on every trial
+ANNOTATION_PARAMS = "kubetune.io/trial-params"  # the trial's parameters (JSON)
+ANNOTATION_PRUNED = "kubetune.io/pruned"  # set (with spec.suspend) when the sweep prunes it
+
+
 class ParameterSpec(api.ApiModel):
     path: Annotated[str, StringConstraints(max_length=253, pattern=PATH_PATTERN)] = Field(
         description="Where the value goes in spec.template, dotted camelCase, e.g. "

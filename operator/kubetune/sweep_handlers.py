@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from kubetune import api, k8s, metrics, sweep, sweep_api
+from kubetune import api, k8s, metrics, sweep_api
 from kubetune import status as st
 
 RESOURCE = (api.GROUP, api.VERSION, sweep_api.PLURAL)
@@ -39,14 +39,14 @@ def register(registry: kopf.OperatorRegistry, client: k8s.Client, interval: floa
     @kopf.index(
         *TRIALS,
         id="sweep_trials",
-        labels={sweep.LABEL_SWEEP: kopf.PRESENT},
+        labels={sweep_api.LABEL_SWEEP: kopf.PRESENT},
         registry=registry,
     )
     async def sweep_trials(
         *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
     ) -> Any:
         plain = {k: copy.deepcopy(dict(body.get(k) or {})) for k in ("metadata", "spec", "status")}
-        return {(namespace, labels[sweep.LABEL_SWEEP]): plain}
+        return {(namespace, labels[sweep_api.LABEL_SWEEP]): plain}
 
     async def reconcile(
         *,
@@ -59,6 +59,9 @@ def register(registry: kopf.OperatorRegistry, client: k8s.Client, interval: floa
         namespace: str | None,
         **indexes: Any,
     ) -> None:
+        # Optuna and numpy (~16 MB) load with the first sweep, not with every operator.
+        from kubetune import sweep
+
         namespace, generation = namespace or "default", meta.get("generation")
         document = {
             "apiVersion": body.get("apiVersion"),
