@@ -4,7 +4,7 @@ API verbs the operator uses (the Helm chart's RBAC grants exactly these):
 
   kubetune.io  finetunejobs           get list watch create patch   (create: sweep trials)
   kubetune.io  finetunejobs/status    get patch              (kopf: status patches)
-  kubetune.io  finetunesweeps         get list watch patch   (kopf: watch, annotations)
+  kubetune.io  finetunesweeps         get list watch patch   (kopf: watch, finalizer)
   kubetune.io  finetunesweeps/status  get patch              (kopf: status patches)
   batch        jobs                   get list watch create patch   (patch: spec.suspend)
   ""           configmaps             create
