@@ -125,6 +125,10 @@ class StatusDiffBase(kopf.MultiDiffBaseStorage):
         self.status.store(body=body, patch=patch, essence=essence)
 
 
+class ChildRefused(Exception):
+    """The API server refused a child object itself: the job cannot run as specified."""
+
+
 class Operator:
     """The handlers with their settings and API client; `register` wires them into kopf."""
 
@@ -158,7 +162,9 @@ class Operator:
 
     async def ensure_children(self, job: api.FineTuneJob, uid: str) -> render.Children | None:
         """Create the children that are missing; None when the namespace is being deleted (the
-        job goes with it: nothing to retry, nothing worth an error)."""
+        job goes with it: nothing to retry, nothing worth an error). :class:`ChildRefused` when
+        the API server refuses a child itself (400/422, e.g. a limit our validation does not
+        know): retrying the same object cannot help."""
         children = render.render(
             job, uid=uid, default_image=self.config.trainer_image, policy=self.policy
         )
@@ -169,6 +175,11 @@ class Operator:
                 if error.namespace_terminating:
                     log.info("namespace being deleted: %s", error)
                     return None
+                if error.invalid:
+                    raise ChildRefused(
+                        f"the API server refused {obj['kind']} {obj['metadata']['name']}: "
+                        f"{error.message}"
+                    ) from error
                 raise kopf.TemporaryError(
                     f"cannot create {obj['kind']}: {error}", delay=10
                 ) from error
@@ -203,14 +214,21 @@ class Operator:
                 problems = api.format_errors(error)
             if not problems:
                 planned, refusal = await self.plan(job)
+            children = None
+            if not problems and (refusal is None or planned is None):
+                try:
+                    children = await self.ensure_children(job, uid)
+                except ChildRefused as error:
+                    problems = [str(error)]
+                else:
+                    if children is None:
+                        return
             if problems:
                 new = st.invalid(problems, generation=generation, now=now)
             elif refusal is not None and planned is not None:
                 new = st.does_not_fit(refusal, planned, generation=generation, now=now)
             else:
-                children = await self.ensure_children(job, uid)
-                if children is None:
-                    return
+                assert children is not None
                 created = st.created(
                     old,
                     job_name=children.job["metadata"]["name"],
@@ -307,8 +325,11 @@ class Operator:
                     return  # going away (e.g. with its namespace): nothing to make again
                 # Deleted by someone: make it again (the trainer resumes); None: its namespace
                 # is being deleted.
-                if await self.ensure_children(job, uid) is None:
-                    return
+                try:
+                    if await self.ensure_children(job, uid) is None:
+                        return
+                except ChildRefused as error:  # accepted once, refused now: the server changed
+                    raise kopf.TemporaryError(str(error), delay=60) from error
             new = st.compute(
                 previous=old,
                 generation=meta.get("generation"),

@@ -115,6 +115,18 @@ def test_children_created_with_owner_references_and_status(cluster: Cluster) -> 
     assert "JobCreated" in reasons
 
 
+def test_a_child_the_server_refuses_fails_the_job_with_its_reason(cluster: Cluster) -> None:
+    # affinity is passed through to the pod unchecked; the API server refuses the typo
+    # (fieldValidation=Strict): the job fails at once, naming it, instead of retrying forever.
+    resources = {"gpus": 0, "affinity": {"nodeAfinity": {}}}
+    create(cluster, manifest("refused", resources=resources))
+    status = cluster.wait_phase("refused", "Failed")
+    assert condition(status, "Validated")["reason"] == "SpecInvalid"
+    assert "the API server refused Job refused-trainer" in status["message"]
+    assert "nodeAfinity" in status["message"]
+    assert cluster.kube.get("batch/v1", "jobs", cluster.ns, "refused-trainer") is None
+
+
 def test_pending_says_why_the_pod_cannot_start(cluster: Cluster) -> None:
     # The real Job controller makes the pod; the kubelet cannot start it without its Secret.
     create(cluster, manifest("beta"))
