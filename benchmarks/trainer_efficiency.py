@@ -1,21 +1,24 @@
-"""Trainer efficiency: kubetune's loop (packing) vs transformers.Trainer + peft (default padding).
+"""Trainer efficiency: kubetune's loop (packing) vs transformers.Trainer + peft and TRL.
 
     .venv/bin/python benchmarks/trainer_efficiency.py                 # 3 rounds, interleaved
     .venv/bin/python benchmarks/trainer_efficiency.py --rounds 1 --rows 128   # a quick look
-    .venv/bin/python benchmarks/trainer_efficiency.py --model DIR --rows 32 --max-len 256
-                                                           # a real model (safetensors folder)
+    .venv/bin/python benchmarks/trainer_efficiency.py --rounds 1 --rows 32 \
+        --model examples/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --data examples/data/catalogue.jsonl --max-len 96 --lora-r 16   # a real model
 
-Same model (examples/demo-model: Llama, hidden 128, 2 layers; or --model DIR, any safetensors
-causal-LM folder, e.g. SmolLM2-135M as kubetune converts it from GGUF), same data (synthetic
-alpaca rows, median ~178 tokens, long tail to 1,024), same hyperparameters (LoRA r=8 on all
-linear layers, batch 8, lr 2e-4, cosine, 1 epoch, fp32, 2 threads, completion-only loss).
-Every run is a fresh process (so peak RSS is per contender); contenders alternate within each
-round and the median of the rounds is reported. Measured per run: real (non-padding) tokens
-per second over the epoch, padding waste (padded tokens / all tokens fed), peak RSS, time to
-first step (from the start of model loading to the end of the first optimizer step), the loss
-after the epoch (completion tokens of 16 fixed rows that no contender trains on) and the
-achieved FLOP/s against an fp32 matmul rate measured in the same run on the same threads
-(flops_per_token says how FLOPs are counted).
+Same model (examples/demo-model: Llama, hidden 128, 2 layers; or --model: any safetensors
+causal-LM folder, or a .gguf file converted once into a temporary folder as the trainer does
+it), same data (synthetic alpaca rows, median ~178 tokens, long tail to 1,024; or --data: the
+first --rows rows of an alpaca JSONL file), same hyperparameters (LoRA r=8, or --lora-r, alpha
+2r, on all linear layers, batch 8, lr 2e-4, cosine, 1 epoch, fp32, completion-only loss),
+--threads torch threads (2). Every run is a fresh process (so peak RSS is per contender);
+contenders alternate within each round and the median of the rounds is reported. Measured per
+run: real (non-padding) tokens per second over the epoch, padding waste (padded tokens / all
+tokens fed), peak RSS, time to first step (from the start of model loading to the end of the
+first optimizer step), the loss after the epoch (completion tokens of 16 fixed rows that no
+contender trains on: the synthetic generator's seed 1, or the last 16 rows of --data) and the
+achieved FLOP/s (FlopCounter says how FLOPs are counted) against an fp32 matmul of the model's
+MLP shape measured in the same run on the same threads.
 
 Contenders:
 - ``kubetune``: kubetune_trainer.train with packing (rows of at most maxSeqLength, concatenated
@@ -24,8 +27,8 @@ Contenders:
   order (what a newcomer writes);
 - ``hf-grouped``: the same with train_sampling_strategy="group_by_length" (a strong peer);
 - ``trl-padding-free`` / ``trl-packing``: TRL's SFTTrainer with padding_free=True, or
-  packing=True (bfd, max_length 1,024), completion-only loss, bf16 and gradient checkpointing
-  off (SFTConfig turns them on by default).
+  packing=True (bfd, max_length = --max-len), completion-only loss, bf16 and gradient
+  checkpointing off (SFTConfig turns them on by default).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -109,27 +113,45 @@ def make_rows(count: int, seed: int) -> list[dict[str, str]]:
 
 
 MODEL = DEMO  # --model (the child gets it on its command line)
-HELD_OUT = 16  # rows scored for the loss after training (seed 1: none of them is trained on)
+DATA: Path | None = None  # --data: an alpaca JSONL file instead of the synthetic rows
+LORA_R = 8  # --lora-r (alpha = 2r)
+HELD_OUT = 16  # rows scored for the loss after training (none of them is trained on)
 
 
-def encoded_rows(count: int, seed: int, max_len: int) -> tuple[Any, list[Any]]:
-    from transformers import AutoTokenizer
+def _examples(count: int, held_out: bool) -> list[Any]:
+    """Training rows (held_out False: the first `count`) or the HELD_OUT scoring rows (the
+    synthetic generator's seed 1, or the last rows of --data), as the trainer parses them."""
+    from kubetune_trainer.data import Example, parse_row
 
-    from kubetune_trainer.data import Example, encode
+    if DATA is None:
+        rows = make_rows(count, 1 if held_out else 0)
+        return [
+            Example(
+                id=str(i),
+                row=i + 1,
+                messages=(
+                    ("user", row["instruction"] + "\n\n" + row["input"]),
+                    ("assistant", row["output"]),
+                ),
+            )
+            for i, row in enumerate(rows)
+        ]
+    lines = [line for line in DATA.read_text().splitlines() if line.strip()]
+    chosen = lines[-count:] if held_out else lines[:count]
+    examples = [parse_row(i + 1, json.loads(line), "alpaca", {}) for i, line in enumerate(chosen)]
+    bad = [e for e in examples if isinstance(e, str)]
+    if bad:
+        raise SystemExit(f"error: --data {DATA}: {bad[0]}")
+    return examples
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    out = []
-    for i, row in enumerate(make_rows(count, seed)):
-        example = Example(
-            id=str(i),
-            row=i + 1,
-            messages=(
-                ("user", row["instruction"] + "\n\n" + row["input"]),
-                ("assistant", row["output"]),
-            ),
-        )
-        out.append(encode(example, tokenizer, max_len))
-    return tokenizer, out
+
+def encoded_rows(count: int, held_out: bool, max_len: int) -> tuple[Any, list[Any]]:
+    from kubetune import api
+    from kubetune_trainer.data import encode
+    from kubetune_trainer.model import load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL, api.ModelSpec(source=str(MODEL)))
+    return tokenizer, [encode(e, tokenizer, max_len) for e in _examples(count, held_out)]
 
 
 def lora_model() -> Any:
@@ -141,34 +163,69 @@ def lora_model() -> Any:
     model = AutoModelForCausalLM.from_pretrained(
         MODEL, dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa"
     )
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    config = LoraConfig(
+        r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules="all-linear"
+    )
     return get_peft_model(model, config)
 
 
-def flops_per_token(model: Any) -> float:
-    """Training FLOPs per token of every Linear layer (the LM head included, tied or not): a
-    trainable weight costs 6 x its parameters (forward 2, input gradient 2, weight gradient 2),
-    a frozen one 4 (forward and the input gradient the layers below still need; no weight
-    gradient). LoRA's A and B are trainable Linears, so they count 6x. Embedding lookups,
-    norms, activations and attention scores (about 2% of the total for SmolLM2 at these
-    lengths) are not counted. The head is counted at every position, as the peers run it;
-    kubetune runs it only where an answer token is predicted (logits_to_keep), so its figure
-    is an effective rate: the same nominal work per token for every contender."""
+class FlopCounter:
+    """Training FLOPs the contender executes, counted while it trains (forward hooks on the
+    input embedding and the output head see every position each forward computes, padding
+    included, shared or skipped positions as they really run).
+
+    Per position through the body, every Linear layer but the head costs 6 x its parameters
+    when its weight trains (forward 2, input gradient 2, weight gradient 2) and 4 x when it is
+    frozen (forward and the input gradient the trainable layers below still need). Under LoRA
+    the base weights are frozen (4x) and the adapters' A and B train (6x). The head (tied to
+    the embedding or not: frozen under LoRA, 4x) counts only at the positions where it runs:
+    every position for the peers, the answer positions for kubetune. Not counted: embedding
+    lookups, norms, activations, attention scores (about 1% at SmolLM2's lengths), and the
+    input gradients of layer 0's q/k/v, which autograd skips (frozen embeddings below them):
+    the count overstates the frozen work by about 1/60."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        head = model.get_output_embeddings()
+        self.body = sum(
+            (6 if m.weight.requires_grad else 4) * m.weight.numel()
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m is not head
+        )
+        self.head = (6 if head.weight.requires_grad else 4) * head.weight.numel()
+        self.positions, self.head_positions = 0, 0
+
+        def count_body(module: Any, args: Any) -> None:
+            self.positions += int(args[0].numel())
+
+        def count_head(module: Any, args: Any, output: Any) -> None:
+            self.head_positions += int(output.numel() // output.shape[-1])
+
+        self.hooks = [
+            model.get_input_embeddings().register_forward_pre_hook(count_body),
+            head.register_forward_hook(count_head),
+        ]
+
+    def done(self) -> dict[str, float]:
+        for hook in self.hooks:
+            hook.remove()
+        return {
+            "train_flops": float(self.body * self.positions + self.head * self.head_positions),
+            "body_flops_per_position": float(self.body),
+            "head_flops_per_position": float(self.head),
+            "positions": self.positions,
+            "head_positions": self.head_positions,
+        }
+
+
+def matmul_rate(m: int, k: int, n: int) -> float:
+    """FLOP/s of an fp32 [m, k] @ [k, n] matmul on this process's threads (the driver picks
+    the model's MLP shape at a micro-batch's tokens): the practical ceiling for the trainers'
+    dense layers on these cores."""
     import torch
 
-    total = 0.0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            total += (6 if module.weight.requires_grad else 4) * module.weight.numel()
-    return total
-
-
-def matmul_rate() -> float:
-    """FLOP/s of a 1024x1024 fp32 matmul on this process's threads: the machine's practical
-    ceiling for the trainers' dense layers."""
-    import torch
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(m, k), torch.randn(k, n)
     for _ in range(3):
         a @ b
     rates = []
@@ -177,7 +234,7 @@ def matmul_rate() -> float:
         while time.perf_counter() - start < 0.4:
             a @ b
             count += 1
-        rates.append(2 * 1024**3 * count / (time.perf_counter() - start))
+        rates.append(2 * m * k * n * count / (time.perf_counter() - start))
     return max(rates)
 
 
@@ -185,7 +242,7 @@ def held_out_loss(model: Any, max_len: int) -> float:
     """Mean completion-token loss on HELD_OUT fixed rows, one row at a time (no padding)."""
     import torch
 
-    _, rows = encoded_rows(HELD_OUT, 1, max_len)
+    _, rows = encoded_rows(HELD_OUT, True, max_len)
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
@@ -200,6 +257,11 @@ def held_out_loss(model: Any, max_len: int) -> float:
             )
             tokens += int(keep.sum())
     return loss_sum / max(tokens, 1)
+
+
+def clock(wall: list[float], cpu: list[float]) -> None:
+    wall.append(time.monotonic())
+    cpu.append(time.process_time())
 
 
 def peak_rss_mib() -> float:
@@ -217,10 +279,11 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
     from kubetune_trainer import model as model_stage
     from kubetune_trainer import train
 
-    tokenizer, data = encoded_rows(rows, 0, max_len)
+    tokenizer, data = encoded_rows(rows, False, max_len)
     start = time.monotonic()
     model = lora_model()
-    model_stage.set_attention(model, model_stage.attention_for(torch.device("cpu")))
+    attention = model_stage.attention_for(torch.device("cpu"))
+    model_stage.set_attention(model, attention)
     spec = api.TrainingSpec(
         epochs=1, batchSize=8, learningRate=2e-4, scheduler="cosine", packing=True
     )
@@ -237,23 +300,27 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
     plan = train.make_plan([len(r.input_ids) for r in data], spec, max_len, train.World())
     optimizer, scheduler = train.build_optimizer(model, spec, plan.total_steps)
     steps: list[float] = []
+    cpu: list[float] = []
+    counter = FlopCounter(model)
     train.train(
         setup,
         optimizer,
         scheduler,
         train.TrainState(),
         plan,
-        progress=lambda entry: steps.append(time.monotonic()),
+        progress=lambda entry: clock(steps, cpu),
         log=lambda line: None,
     )
+    flops = counter.done()
     real = sum(len(r.input_ids) for r in data)
     return {
+        **flops,
         "loss": held_out_loss(model, max_len),
-        "flops_per_token": flops_per_token(model),
         "real_tokens": real,
         "fed_tokens": real,  # flat micro-batches: nothing but real tokens
         "seconds": steps[-1] - start,
         "train_seconds": steps[-1] - steps[0],
+        "train_cpu_seconds": cpu[-1] - cpu[0],
         "first_step_seconds": steps[0] - start,
         "steps": len(steps),
     }
@@ -267,7 +334,7 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
         TrainingArguments,
     )
 
-    tokenizer, data = encoded_rows(rows, 0, max_len)
+    tokenizer, data = encoded_rows(rows, False, max_len)
     features = [{"input_ids": r.input_ids, "labels": r.labels} for r in data]
     start = time.monotonic()
     model = lora_model()
@@ -280,10 +347,12 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
         return out
 
     steps: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             steps.append(time.monotonic())
+            cpu.append(time.process_time())
 
     extra: dict[str, Any] = {"train_sampling_strategy": "group_by_length"} if grouped else {}
     arguments = TrainingArguments(
@@ -310,15 +379,18 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
         data_collator=collate,
         callbacks=[Clock()],
     )
+    counter = FlopCounter(model)
     trainer.train()
+    flops = counter.done()
     real = sum(len(r.input_ids) for r in data)
     return {
+        **flops,
         "loss": held_out_loss(model, max_len),
-        "flops_per_token": flops_per_token(model),
         "real_tokens": real,
         "fed_tokens": fed["tokens"],
         "seconds": steps[-1] - start,
         "train_seconds": steps[-1] - steps[0],
+        "train_cpu_seconds": cpu[-1] - cpu[0],
         "first_step_seconds": steps[0] - start,
         "steps": len(steps),
     }
@@ -328,7 +400,7 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer, data = encoded_rows(rows, 0, max_len)
+    tokenizer, data = encoded_rows(rows, False, max_len)
     dataset = Dataset.from_list(
         [
             {"input_ids": r.input_ids, "completion_mask": [int(x != -100) for x in r.labels]}
@@ -338,12 +410,14 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
     start = time.monotonic()
     model = lora_model()
     steps: list[float] = []
+    cpu: list[float] = []
 
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             steps.append(time.monotonic())
+            cpu.append(time.process_time())
 
     mode: dict[str, Any] = (
         {"packing": True, "packing_strategy": "bfd"} if packed else {"padding_free": True}
@@ -384,35 +458,36 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
         return out
 
     trainer.data_collator = collate
+    counter = FlopCounter(model)
     trainer.train()
+    flops = counter.done()
     real = sum(len(r.input_ids) for r in data)
     return {
+        **flops,
         "loss": held_out_loss(model, max_len),
-        "flops_per_token": flops_per_token(model),
         "real_tokens": real,
         "fed_tokens": fed["tokens"],
         "seconds": steps[-1] - start,
         "train_seconds": steps[-1] - steps[0],
+        "train_cpu_seconds": cpu[-1] - cpu[0],
         "first_step_seconds": steps[0] - start,
         "steps": len(steps),
     }
 
 
-def child(contender: str, rows: int, max_len: int) -> None:
-    if contender == "matmul":
-        import torch
+def child(contender: str, rows: int, max_len: int, threads: int, shape: list[int]) -> None:
+    import torch
 
-        torch.set_num_threads(2)
-        print("RESULT " + json.dumps({"flops": matmul_rate()}), flush=True)
+    torch.set_num_threads(threads)
+    if contender == "matmul":
+        print("RESULT " + json.dumps({"flops": matmul_rate(*shape)}), flush=True)
         return
     import peft  # noqa: F401  (imported before any clock starts: import time is not training)
-    import torch
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
 
     import kubetune_trainer.train  # noqa: F401
 
-    torch.set_num_threads(2)
     if contender == "kubetune":
         result = run_kubetune(rows, max_len)
     elif contender.startswith("trl"):
@@ -427,15 +502,20 @@ def child(contender: str, rows: int, max_len: int) -> None:
 # driver
 
 
-def child_result(contender: str, rows: int, max_len: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", contender, "--rows", str(rows)]
-    command += ["--max-len", str(max_len), "--model", str(MODEL)]
+def child_result(contender: str, args: argparse.Namespace, shape: list[int]) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", contender, "--rows", str(args.rows)]
+    command += ["--max-len", str(args.max_len), "--model", str(MODEL)]
+    command += ["--lora-r", str(LORA_R), "--threads", str(args.threads)]
+    command += ["--shape", *map(str, shape)]
+    if DATA is not None:
+        command += ["--data", str(DATA)]
+    threads = str(args.threads)
     proc = subprocess.run(
         command,
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"},
+        env={**os.environ, "OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"},
     )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -444,15 +524,46 @@ def child_result(contender: str, rows: int, max_len: int) -> dict[str, float]:
     return result
 
 
-def measure(contender: str, rows: int, max_len: int) -> dict[str, float]:
-    result = child_result(contender, rows, max_len)
+def measure(contender: str, args: argparse.Namespace) -> dict[str, float]:
+    result = child_result(contender, args, [])
     real, fed = result["real_tokens"], result["fed_tokens"]
     # Throughput over the whole epoch after the first step (steady state).
     first_real = real / result["steps"]  # approx. tokens of the first step
     result["tokens_per_second"] = (real - first_real) / max(result["train_seconds"], 1e-9)
+    # Per second of this process's CPU time (all its threads): what a shared machine's other
+    # jobs change least; OpenMP threads that spin waiting for a descheduled sibling add to it.
+    result["tokens_per_cpu_second"] = (real - first_real) / max(result["train_cpu_seconds"], 1e-9)
     result["padding_waste"] = 1 - real / fed
-    result["flops"] = result["flops_per_token"] * result["tokens_per_second"]
+    result["flops_per_real_token"] = result["train_flops"] / real
+    result["flops"] = result["flops_per_real_token"] * result["tokens_per_second"]
     return result
+
+
+def model_folder(source: Path, scratch: Path) -> Path:
+    """--model as a safetensors folder: a .gguf file is converted once, as the trainer does it
+    (dequantized to fp32, saved as a plain model of its class), into scratch."""
+    if source.suffix != ".gguf":
+        return source
+    from kubetune import api
+    from kubetune_trainer.errors import UserError
+    from kubetune_trainer.model import from_gguf
+
+    print(f"converting {source.name} to safetensors in {scratch}", flush=True)
+    try:
+        return from_gguf(source, scratch, api.ModelSpec(source=str(source)))
+    except UserError as exc:
+        raise SystemExit(f"error: --model {exc}") from None
+
+
+def mlp_shape(folder: Path, tokens: int) -> list[int]:
+    """[tokens, hidden] @ [hidden, intermediate]: the model's MLP projection at a micro-batch
+    of `tokens` tokens (most of a step's FLOPs have this shape)."""
+    config = json.loads((folder / "config.json").read_text())
+    return [tokens, config["hidden_size"], config["intermediate_size"]]
+
+
+def ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:.2f}x" if reference else "-"
 
 
 def main() -> None:
@@ -462,26 +573,52 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument(
-        "--model", type=Path, default=DEMO, help="a safetensors model folder (default: demo)"
+        "--model",
+        type=Path,
+        default=DEMO,
+        help="a safetensors model folder or a .gguf file (default: examples/demo-model)",
+    )
+    parser.add_argument(
+        "--data", type=Path, help="an alpaca JSONL file (default: synthetic long-tailed rows)"
+    )
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per contender")
+    parser.add_argument(
+        "--matmul-tokens", type=int, default=512, help="m of the measured [m, hidden] matmul"
     )
     parser.add_argument("--child", choices=(*CONTENDERS, "matmul"), help=argparse.SUPPRESS)
+    parser.add_argument("--shape", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global MODEL
-    MODEL = args.model.resolve()
+    global MODEL, DATA, LORA_R
+    DATA = args.data.resolve() if args.data else None
+    LORA_R = args.lora_r
+    if DATA is not None and not DATA.is_file():
+        raise SystemExit(f"error: --data {DATA}: no such file")
     if args.child:
-        child(args.child, args.rows, args.max_len)
+        MODEL = args.model.resolve()
+        child(args.child, args.rows, args.max_len, args.threads, args.shape)
         return
+    if not args.model.exists():
+        raise SystemExit(f"error: --model {args.model}: no such file or folder")
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-model-") as scratch:
+        MODEL = model_folder(args.model.resolve(), Path(scratch))
+        run_rounds(args)
+
+
+def run_rounds(args: argparse.Namespace) -> None:
+    shape = mlp_shape(MODEL, args.matmul_tokens)
     results: dict[str, list[dict[str, float]]] = {c: [] for c in args.contenders}
     peaks: list[float] = []
     for round_ in range(args.rounds):
-        peaks.append(child_result("matmul", 0, 0)["flops"])
+        peaks.append(child_result("matmul", args, shape)["flops"])
         print(f"round {round_ + 1} fp32 matmul {peaks[-1] / 1e9:,.1f} GFLOP/s", flush=True)
         order = args.contenders if round_ % 2 == 0 else list(reversed(args.contenders))
         for contender in order:
-            result = measure(contender, args.rows, args.max_len)
+            result = measure(contender, args)
             results[contender].append(result)
             print(
                 f"round {round_ + 1} {contender:<16} {result['tokens_per_second']:>9,.0f} tok/s "
+                f"{result['tokens_per_cpu_second']:>9,.1f} tok/CPU-s "
                 f"padding {result['padding_waste']:.1%} rss {result['peak_rss_mib']:.0f} MiB "
                 f"first step {result['first_step_seconds']:.2f} s loss {result['loss']:.4f} "
                 f"{result['flops'] / 1e9:,.1f} GFLOP/s",
@@ -493,27 +630,38 @@ def main() -> None:
     }
     reference = median.get("hf-default")
     peers = [m["tokens_per_second"] for c, m in median.items() if c != "kubetune"]
-    best = max(peers, default=math.nan)
+    best = max(peers) if peers else None
+    cpu_peers = [m["tokens_per_cpu_second"] for c, m in median.items() if c != "kubetune"]
+    best_cpu = max(cpu_peers) if cpu_peers else None
     peak = statistics.median(peaks)
+    any_run = median[args.contenders[0]]
+    data = DATA.name if DATA else "synthetic rows"
     print(
-        f"\nmodel {MODEL.name}: {median[args.contenders[0]]['flops_per_token'] / 1e6:,.1f} "
-        f"MFLOP per trained token (6x trainable, 4x frozen Linear parameters); fp32 matmul "
-        f"{peak / 1e9:,.1f} GFLOP/s (median of {len(peaks)})"
+        f"\nmodel {MODEL.name}, {data}: {args.rows} rows, maxSeqLength {args.max_len}, "
+        f"LoRA r={LORA_R}, {args.threads} threads, {args.rounds} round(s)\n"
+        f"training FLOPs per position: {any_run['body_flops_per_position'] / 1e6:,.1f} M "
+        f"through the body + {any_run['head_flops_per_position'] / 1e6:,.1f} M where the head "
+        "runs (6x trainable, 4x frozen Linear parameters)\n"
+        f"fp32 matmul {'x'.join(map(str, shape))}: {peak / 1e9:,.1f} GFLOP/s "
+        f"(median of {len(peaks)})"
     )
     print(
-        "\n| contender | real tokens/s | padding waste | peak RSS MiB | first step s | "
-        "loss after the epoch | GFLOP/s (of matmul) | tokens/s vs hf-default | "
-        "tokens/s vs best peer | RSS vs hf-default |"
+        "\n| contender | real tokens/s | tokens per CPU-s | padding waste | peak RSS MiB | "
+        "first step s | loss after the epoch | MFLOP per real token | GFLOP/s (of matmul) | "
+        "tokens/s vs hf-default | tokens/s vs best peer | RSS vs hf-default |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c, m in median.items():
-        ratio = m["tokens_per_second"] / reference["tokens_per_second"] if reference else math.nan
-        rss = m["peak_rss_mib"] / reference["peak_rss_mib"] if reference else math.nan
         print(
-            f"| {c} | {m['tokens_per_second']:,.0f} | {m['padding_waste']:.1%} | "
+            f"| {c} | {m['tokens_per_second']:,.0f} | {m['tokens_per_cpu_second']:,.1f} | "
+            f"{m['padding_waste']:.1%} | "
             f"{m['peak_rss_mib']:.0f} | {m['first_step_seconds']:.2f} | {m['loss']:.4f} | "
-            f"{m['flops'] / 1e9:,.1f} ({m['flops'] / peak:.0%}) | {ratio:.2f}x | "
-            f"{m['tokens_per_second'] / best:.2f}x | {rss:.2f}x |"
+            f"{m['flops_per_real_token'] / 1e6:,.1f} | "
+            f"{m['flops'] / 1e9:,.1f} ({m['flops'] / peak:.0%}) | "
+            f"{ratio(m['tokens_per_second'], reference and reference['tokens_per_second'])} | "
+            f"{ratio(m['tokens_per_second'], best)} "
+            f"(CPU-s: {ratio(m['tokens_per_cpu_second'], best_cpu)}) | "
+            f"{ratio(m['peak_rss_mib'], reference and reference['peak_rss_mib'])} |"
         )
 
 
