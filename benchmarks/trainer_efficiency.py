@@ -180,7 +180,7 @@ class FlopCounter:
     the base weights are frozen (4x) and the adapters' A and B train (6x). The head (tied to
     the embedding or not: frozen under LoRA, 4x) counts only at the positions where it runs:
     every position for the peers, the answer positions for kubetune. Not counted: embedding
-    lookups, norms, activations, attention scores (about 1% at SmolLM2's lengths), and the
+    lookups, norms, activations, attention scores (1-2% at SmolLM2's lengths), and the
     input gradients of layer 0's q/k/v, which autograd skips (frozen embeddings below them):
     the count overstates the frozen work by about 1/60."""
 
