@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import manifests
 from tests.support.cluster import ROOT, Cluster, Session, demo_bucket, established, wait_for
 from tests.support.kube import ApiStatus
 
@@ -102,40 +103,21 @@ def ns(cluster: Cluster, kserve: dict[str, Any]) -> Iterator[Cluster]:
 
 
 def manifest(name: str, bucket: str, endpoint: str) -> str:
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": f"s3://{bucket}/model"},
-            "dataset": {
-                "source": f"s3://{bucket}/data/train.jsonl",
-                "format": "alpaca",
-                "license": {"name": "CC0-1.0", "usage": "research"},
-                "maxSeqLength": 96,
-            },
-            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-            "training": {"maxSteps": 2, "batchSize": 8, "evalEverySteps": 2},
-            "evaluation": {"maxSamples": 4, "maxNewTokens": 2, "metrics": ["loss"]},
-            "output": {"destination": f"s3://{bucket}/runs/{name}"},
-            "storage": {
-                "s3": {
-                    "endpoint": endpoint,
-                    "region": "us-east-1",
-                    "credentialsSecret": "s3-credentials",
-                }
-            },
-            "resources": {"gpus": 0},
-            "staging": {
-                "gpus": 0,
-                "replicas": 2,
-                "artifact": "adapter",
-                "readyTimeoutSeconds": READY_TIMEOUT,
-                "load": {"type": "poisson", "rate": 1, "durationSeconds": 10, "maxPrompts": 4},
-                "gates": {"p95TtftMs": 60000},
-            },
+    doc = manifests.cluster_run(
+        name,
+        bucket,
+        endpoint,
+        method={"lora": {"r": 8, "alpha": 16}},
+        evaluation={"gates": []},
+        staging={
+            "gpus": 0,
+            "replicas": 2,
+            "artifact": "adapter",
+            "readyTimeoutSeconds": READY_TIMEOUT,
+            "load": {"type": "poisson", "rate": 1, "durationSeconds": 10, "maxPrompts": 4},
+            "gates": {"p95TtftMs": 60000},
         },
-    }
+    )
     return yaml.safe_dump(doc)
 
 

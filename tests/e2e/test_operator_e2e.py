@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import manifests
 from tests.support import s3 as s3_support
 from tests.support.cluster import DATASET, Cluster, demo_bucket
 from tests.support.crd_schema import schema_errors
@@ -50,46 +51,18 @@ def ns(cluster: Cluster) -> Iterator[Cluster]:
 
 
 def manifest(name: str, bucket: str, endpoint: str, **training: Any) -> str:
-    run_policy = training.pop("runPolicy", {"backoffLimit": 2})
+    data = training.pop("data", "train.jsonl")
     resources = training.pop("resources", {"gpus": 0})
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": f"s3://{bucket}/model"},
-            "dataset": {
-                "source": f"s3://{bucket}/data/{training.pop('data', 'train.jsonl')}",
-                "format": "alpaca",
-                "license": {"name": "CC0-1.0", "usage": "research"},
-                "maxSeqLength": 96,
-            },
-            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-            "training": {
-                "maxSteps": 4,
-                "batchSize": 8,
-                "evalEverySteps": 2,
-                "checkpointEverySteps": 2,
-                **training,
-            },
-            "evaluation": {
-                "maxSamples": 4,
-                "maxNewTokens": 2,
-                "metrics": ["loss"],
-                "gates": [{"metric": "tuned.loss", "op": "<", "value": 100}],
-            },
-            "output": {"destination": f"s3://{bucket}/runs/{name}"},
-            "storage": {
-                "s3": {
-                    "endpoint": endpoint,
-                    "region": "us-east-1",
-                    "credentialsSecret": "s3-credentials",
-                }
-            },
-            "resources": resources,
-            "runPolicy": run_policy,
-        },
-    }
+    run_policy = training.pop("runPolicy", {"backoffLimit": 2})
+    doc = manifests.cluster_run(
+        name,
+        bucket,
+        endpoint,
+        dataset={"source": f"s3://{bucket}/data/{data}"},
+        training={"maxSteps": 4, "checkpointEverySteps": 2, **training},
+        resources=resources,
+        runPolicy=run_policy,
+    )
     return yaml.safe_dump(doc)
 
 

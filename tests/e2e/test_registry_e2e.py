@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import manifests
 from tests.support import s3 as s3_support
 from tests.support.cluster import Cluster, demo_bucket
 from tests.support.mlflow_server import MlflowServer, free_port, mlflow_server
@@ -50,44 +51,15 @@ def ns(cluster: Cluster) -> Iterator[Cluster]:
 
 
 def manifest(name: str, bucket: str, endpoint: str, tracking_uri: str) -> str:
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": f"s3://{bucket}/model"},
-            "dataset": {
-                "source": f"s3://{bucket}/data/train.jsonl",
-                "format": "alpaca",
-                "license": {"name": "CC0-1.0", "usage": "research"},
-                "maxSeqLength": 96,
-            },
-            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-            "training": {"maxSteps": 2, "batchSize": 8, "evalEverySteps": 2},
-            "evaluation": {
-                "maxSamples": 4,
-                "maxNewTokens": 2,
-                "metrics": ["loss"],
-                "gates": [{"metric": "tuned.loss", "op": "<", "value": 100}],
-            },
-            "output": {
-                "destination": f"s3://{bucket}/runs/{name}",
-                "registry": {
-                    "mlflow": {"trackingUri": tracking_uri, "model": MODEL, "timeoutSeconds": 10}
-                },
-            },
-            "storage": {
-                "s3": {
-                    "endpoint": endpoint,
-                    "region": "us-east-1",
-                    "credentialsSecret": "s3-credentials",
-                }
-            },
-            "resources": {"gpus": 0},
-            # Exit 11 (registry unreachable) would be retried; once is enough to see it.
-            "runPolicy": {"backoffLimit": 0},
-        },
-    }
+    registry = {"mlflow": {"trackingUri": tracking_uri, "model": MODEL, "timeoutSeconds": 10}}
+    doc = manifests.cluster_run(
+        name,
+        bucket,
+        endpoint,
+        output={"registry": registry},
+        # Exit 11 (registry unreachable) would be retried; once is enough to see it.
+        runPolicy={"backoffLimit": 0},
+    )
     return yaml.safe_dump(doc)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import manifests
 from tests.support.cluster import Cluster, demo_bucket
 from tests.support.kubelet import VLLM_BIN
 from tests.support.mlflow_server import MlflowServer, mlflow_server
@@ -57,48 +58,25 @@ def ns(cluster: Cluster) -> Iterator[Cluster]:
 def manifest(
     name: str, bucket: str, endpoint: str, tracking_uri: str | None = None, **staging: Any
 ) -> str:
-    output: dict[str, Any] = {"destination": f"s3://{bucket}/runs/{name}"}
+    output: dict[str, Any] = {}
     if tracking_uri:
         output["registry"] = {"mlflow": {"trackingUri": tracking_uri, "model": name}}
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": f"s3://{bucket}/model"},
-            "dataset": {
-                "source": f"s3://{bucket}/data/train.jsonl",
-                "format": "alpaca",
-                "license": {"name": "CC0-1.0", "usage": "research"},
-                "maxSeqLength": 96,
-            },
-            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-            "training": {"maxSteps": 4, "batchSize": 8, "evalEverySteps": 2},
-            "evaluation": {
-                "maxSamples": 4,
-                "maxNewTokens": 2,
-                "metrics": ["loss"],
-                "gates": [{"metric": "tuned.loss", "op": "<", "value": 100}],
-            },
-            "output": output,
-            "storage": {
-                "s3": {
-                    "endpoint": endpoint,
-                    "region": "us-east-1",
-                    "credentialsSecret": "s3-credentials",
-                }
-            },
-            "resources": {"gpus": 0},
-            "staging": {
-                "gpus": 0,
-                "artifact": "adapter",
-                "load": {"type": "poisson", "rate": 2, "durationSeconds": 10, "maxPrompts": 16},
-                "costPerGpuHour": 0.5,
-                "gates": {"p95TtftMs": 120000, "minOutputTokensPerSecond": 0.01},
-                **staging,
-            },
+    doc = manifests.cluster_run(
+        name,
+        bucket,
+        endpoint,
+        method={"lora": {"r": 8, "alpha": 16}},
+        training={"maxSteps": 4},
+        output=output,
+        staging={
+            "gpus": 0,
+            "artifact": "adapter",
+            "load": {"type": "poisson", "rate": 2, "durationSeconds": 10, "maxPrompts": 16},
+            "costPerGpuHour": 0.5,
+            "gates": {"p95TtftMs": 120000, "minOutputTokensPerSecond": 0.01},
+            **staging,
         },
-    }
+    )
     return yaml.safe_dump(doc)
 
 

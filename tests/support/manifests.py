@@ -48,3 +48,48 @@ def with_spec(**changes: Any) -> dict[str, Any]:
             node = node.setdefault(parent, {})
         node[leaf] = value
     return result
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, dicts key by key, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def cluster_run(name: str, bucket: str, endpoint: str, **spec: Any) -> dict[str, Any]:
+    """A FineTuneJob that really runs on the test cluster in seconds: a small LoRA of the demo
+    model, model, data and output in ``bucket`` of the S3 server at ``endpoint`` (credentials in
+    the Secret ``s3-credentials``, see Cluster.s3_credentials). ``spec`` is merged into it,
+    section by section."""
+    base: dict[str, Any] = {
+        "model": {"source": f"s3://{bucket}/model"},
+        "dataset": {
+            "source": f"s3://{bucket}/data/train.jsonl",
+            "format": "alpaca",
+            "license": {"name": "CC0-1.0", "usage": "research"},
+            "maxSeqLength": 96,
+        },
+        "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "training": {"maxSteps": 2, "batchSize": 8, "evalEverySteps": 2},
+        "evaluation": {
+            "maxSamples": 4,
+            "maxNewTokens": 2,
+            "metrics": ["loss"],
+            "gates": [{"metric": "tuned.loss", "op": "<", "value": 100}],
+        },
+        "output": {"destination": f"s3://{bucket}/runs/{name}"},
+        "storage": {
+            "s3": {
+                "endpoint": endpoint,
+                "region": "us-east-1",
+                "credentialsSecret": "s3-credentials",
+            }
+        },
+        "resources": {"gpus": 0},
+    }
+    return document(_merged(base, spec), name=name)
