@@ -305,9 +305,9 @@ class DatasetSpec(ApiModel):
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-# The largest LoRA rank vLLM serves (its --max-lora-rank choices end at 512, vLLM 0.32
-# vllm/config/lora.py). Every adapter is exported in the form vLLM loads and checked against its
-# rules (trainer servable.py), so a larger rank would train and then fail at export: refused here.
+# The largest LoRA rank vLLM serves (vLLM 0.32's --max-lora-rank choices end at 512). Every
+# adapter is exported in the form vLLM loads and checked against its rules (trainer
+# servable.py), so a larger rank would train and then fail at export: refused here.
 MAX_LORA_RANK = 512
 
 
