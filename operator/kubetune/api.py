@@ -1403,6 +1403,25 @@ class Promotion(ApiModel):
     promotedAt: str | None = Field(default=None, description="When it was promoted.")
 
 
+# kopf's bookkeeping in the status of both kinds (handlers.py keeps it there, not in
+# annotations): the diff base and a retried handler's progress.
+HandledConfiguration = Annotated[
+    str | None,
+    Field(
+        max_length=MAX_HANDLED_CONFIGURATION,
+        description="The operator's own record (JSON) of the spec, labels and annotations it "
+        "last acted on: how it tells a spec change from a status write. Not for users.",
+    ),
+]
+HandlerProgress = Annotated[
+    dict[str, Any] | None,
+    Field(
+        description="The operator's own record of a handler being retried (attempts, next "
+        "try); empty once it succeeds. Not for users."
+    ),
+]
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Phase | None = Field(default=None, description="Summary for humans and printer columns.")
     observedGeneration: int | None = Field(
@@ -1438,17 +1457,8 @@ class FineTuneJobStatus(ApiModel):
     staging: StagingStatus | None = Field(
         default=None, description="The staging load test (spec.staging)."
     )
-    lastHandledConfiguration: str | None = Field(
-        default=None,
-        max_length=MAX_HANDLED_CONFIGURATION,
-        description="The operator's own record (JSON) of the spec, labels and annotations it "
-        "last acted on: how it tells a spec change from a status write. Not for users.",
-    )
-    handlerProgress: dict[str, Any] | None = Field(
-        default=None,
-        description="The operator's own record of a handler being retried (attempts, next "
-        "try); empty once it succeeds. Not for users.",
-    )
+    lastHandledConfiguration: HandledConfiguration = None
+    handlerProgress: HandlerProgress = None
 
 
 # --------------------------------------------------------------------------------------------

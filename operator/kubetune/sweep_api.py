@@ -288,17 +288,8 @@ class FineTuneSweepStatus(api.ApiModel):
         description="With a method.type parameter: one row per method, results next to the "
         "plan's estimates.",
     )
-    lastHandledConfiguration: str | None = Field(
-        default=None,
-        max_length=api.MAX_HANDLED_CONFIGURATION,
-        description="The operator's own record (JSON) of the spec, labels and annotations it "
-        "last acted on: how it tells a spec change from a status write. Not for users.",
-    )
-    handlerProgress: dict[str, Any] | None = Field(
-        default=None,
-        description="The operator's own record of a handler being retried (attempts, next "
-        "try); empty once it succeeds. Not for users.",
-    )
+    lastHandledConfiguration: api.HandledConfiguration = None
+    handlerProgress: api.HandlerProgress = None
 
 
 class SweepMeta(BaseModel):
