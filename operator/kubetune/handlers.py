@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -550,6 +550,17 @@ def _promoting(status: kopf.Status, **_: Any) -> bool:
     return (status.get("promotion") or {}).get("state") == "Promoting"
 
 
+def _index_by(label: str, *, job: bool) -> Callable[..., Awaitable[Any]]:
+    """A kopf index handler: the object's snapshot under (namespace, its ``label`` value)."""
+
+    async def index(
+        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> Any:
+        return {(namespace, labels[label]): _snapshot(body, job=job)}
+
+    return index
+
+
 def register(
     config: Settings, client: k8s.Client | None = None, namespace: str = ""
 ) -> kopf.OperatorRegistry:
@@ -598,51 +609,20 @@ def register(
     async def close(**_: Any) -> None:
         await op.close()
 
-    @kopf.index(
-        "batch",
-        "v1",
-        "jobs",
-        id="trainer_jobs",
-        labels={render.LABEL_JOB: kopf.PRESENT},
-        registry=registry,
-    )
-    async def trainer_jobs(
-        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
-    ) -> Any:
-        return {(namespace, labels[render.LABEL_JOB]): _snapshot(body, job=True)}
-
-    @kopf.index(
-        "v1", "pods", id="trainer_pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=registry
-    )
-    async def trainer_pods(
-        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
-    ) -> Any:
-        return {(namespace, labels[render.LABEL_JOB]): _snapshot(body)}
-
-    @kopf.index(
-        "batch",
-        "v1",
-        "jobs",
-        id="promote_jobs",
-        labels={render.LABEL_PROMOTE: kopf.PRESENT},
-        registry=registry,
-    )
-    def promote_jobs(
-        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
-    ) -> Any:
-        return {(namespace, labels[render.LABEL_PROMOTE]): _snapshot(body, job=True)}
-
-    @kopf.index(
-        "v1",
-        "pods",
-        id="promote_pods",
-        labels={render.LABEL_PROMOTE: kopf.PRESENT},
-        registry=registry,
-    )
-    def promote_pods(
-        *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
-    ) -> Any:
-        return {(namespace, labels[render.LABEL_PROMOTE]): _snapshot(body)}
+    # Watch-fed copies of our children, keyed (namespace, owning FineTuneJob's name) by label:
+    # the trainer Job and its pods, the promote Job and its pods.
+    for label, prefix in ((render.LABEL_JOB, "trainer"), (render.LABEL_PROMOTE, "promote")):
+        kopf.index(
+            "batch",
+            "v1",
+            "jobs",
+            id=f"{prefix}_jobs",
+            labels={label: kopf.PRESENT},
+            registry=registry,
+        )(_index_by(label, job=True))
+        kopf.index(
+            "v1", "pods", id=f"{prefix}_pods", labels={label: kopf.PRESENT}, registry=registry
+        )(_index_by(label, job=False))
 
     kopf.on.create(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
     kopf.on.resume(*RESOURCE, id="reconcile", registry=registry)(op.reconcile)
