@@ -22,7 +22,7 @@ MLP shape measured in the same run on the same threads.
 
 Contenders:
 - ``kubetune``: kubetune_trainer.train with packing (rows of at most maxSeqLength, concatenated
-  per micro-batch, per-sample attention: no padding at all);
+  per micro-batch, per-sample attention, a common prompt prefix fed once: no padding at all);
 - ``hf-default``: transformers.Trainer + peft, DataCollatorForSeq2Seq dynamic padding, random
   order (what a newcomer writes);
 - ``hf-grouped``: the same with train_sampling_strategy="group_by_length" (a strong peer);
@@ -277,7 +277,7 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
 
     from kubetune import api
     from kubetune_trainer import model as model_stage
-    from kubetune_trainer import train
+    from kubetune_trainer import packing, train
 
     tokenizer, data = encoded_rows(rows, False, max_len)
     start = time.monotonic()
@@ -296,6 +296,7 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
         max_len=max_len,
         pad_id=tokenizer.pad_token_id,
         device=torch.device("cpu"),
+        collate_mode=packing.collate_mode(True, attention),  # what the trainer picks
     )
     plan = train.make_plan([len(r.input_ids) for r in data], spec, max_len, train.World())
     optimizer, scheduler = train.build_optimizer(model, spec, plan.total_steps)

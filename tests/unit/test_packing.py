@@ -140,3 +140,76 @@ def test_all_ones_mask_contaminates(model: Any) -> None:
 def test_use_cache_contaminates(model: Any) -> None:
     # The control: with a cache transformers assumes one continuing sequence.
     assert _contaminated(model, use_cache=True) > 1e-3
+
+
+def _prefixed_samples() -> list[Sample]:
+    """Three samples sharing a 9-token prompt; the targets start after it (at 12, 11, 14)."""
+    rng = random.Random(5)
+    head = [rng.randint(10, 1500) for _ in range(9)]
+    out = []
+    for prompt, answer in ((3, 6), (2, 9), (5, 4)):
+        ids = head + [rng.randint(10, 1500) for _ in range(prompt + answer)]
+        labels = [-100] * (9 + prompt) + ids[9 + prompt :]
+        out.append(Sample(ids, labels))
+    return out
+
+
+def test_shared_prefix_stops_before_the_first_target_and_the_shortest_sample() -> None:
+    samples = _prefixed_samples()
+    assert packing.shared_prefix(samples) == 9
+    # A target at position 7 of one sample: position 6's logits predict it, so the prefix
+    # ends at 6 (positions 0..5).
+    early = Sample(samples[0].input_ids, [-100] * 7 + samples[0].input_ids[7:])
+    assert packing.shared_prefix([early, *samples[1:]]) == 6
+    assert packing.shared_prefix(samples[:1]) == 0
+    other = Sample([1, *samples[1].input_ids[1:]], samples[1].labels)
+    assert packing.shared_prefix([samples[0], other]) == 0
+
+
+def test_collate_shared_feeds_the_prefix_once() -> None:
+    samples = _prefixed_samples()
+    batch = packing.collate(samples, [[0, 1], [2]], pad_id=0, mode="shared")
+    ids = batch.inputs["input_ids"][0].tolist()
+    assert len(ids) == 9 + 9 + 11 + 9
+    assert ids[:18] == samples[0].input_ids
+    assert ids[18:29] == samples[1].input_ids[9:]
+    assert batch.inputs["position_ids"][0].tolist()[18:21] == [9, 10, 11]
+    assert batch.inputs["kubetune_segments"] == (0, 9, 18, 29, 38)
+    assert batch.inputs["kubetune_prefix"] == 9
+    flat = packing.collate(samples, [[0, 1], [2]], pad_id=0, mode="flat")
+    # Same targets, same real tokens: only the repeated prefix is gone.
+    assert (batch.targets, batch.tokens) == (flat.targets, flat.tokens) == (19, 56)
+    kept = [x for x in batch.inputs["labels"][0].tolist() if x != -100]
+    assert kept == [x for x in flat.inputs["labels"][0].tolist() if x != -100]
+
+
+def test_shared_prefix_logits_and_gradients_equal_the_unshared_batch(model: Any) -> None:
+    """Forward: every sample's logits equal the sample run alone. Backward: the gradient of
+    the summed target loss equals the unshared (flat) batch's, for every weight."""
+    samples = _prefixed_samples()
+    model.set_attn_implementation(packing.VARLEN)
+    try:
+        shared = packing.collate(samples, [[0, 1, 2]], pad_id=0, mode="shared")
+        logits = _packed_logits(model, shared, use_cache=False)[0]
+        starts = list(shared.inputs["kubetune_segments"])
+        for i, sample in enumerate(samples):
+            got = torch.cat((logits[:9], logits[starts[i + 1] : starts[i + 2]]))
+            torch.testing.assert_close(got, _alone(model, sample), atol=1e-5, rtol=1e-5)
+        grads = {}
+        for mode in ("flat", "shared"):
+            batch = packing.collate(samples, [[0, 1, 2]], pad_id=0, mode=mode)
+            inputs = dict(batch.inputs)
+            labels = inputs.pop("labels")[0]
+            model.zero_grad(set_to_none=True)
+            out = model(**inputs, use_cache=False).logits[0]
+            keep = labels[1:] != -100
+            loss = torch.nn.functional.cross_entropy(
+                out[:-1][keep], labels[1:][keep], reduction="sum"
+            )
+            loss.backward()
+            grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    for name, grad in grads["flat"].items():
+        torch.testing.assert_close(grads["shared"][name], grad, atol=1e-5, rtol=1e-4)

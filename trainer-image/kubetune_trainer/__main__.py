@@ -361,6 +361,7 @@ def train_model(
     (on rank 0: unsharded), in eval mode and on plain sdpa attention for evaluation and
     export."""
     from . import model as model_stage
+    from . import packing
     from . import train as train_stage
     from .data import check_truncation, encode_all
 
@@ -411,7 +412,7 @@ def train_model(
         device=m.device,
         world=world,
         storage=output,
-        collate_mode="flat" if spec.training.packing else "padded",
+        collate_mode=packing.collate_mode(spec.training.packing, attention),
         fingerprint=prints,
         scratch=workdir,
     )

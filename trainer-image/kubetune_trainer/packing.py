@@ -13,6 +13,15 @@ into one sequence (no padding at all, so linear layers see only real tokens) and
 per sample, so its cost grows with each sample's own length. On a GPU with flash-attention
 installed, flash_attention_2 does the same natively.
 
+Shared prompt prefixes (mode ``shared``, the trainer's default with :func:`varlen_attention`):
+when every sample of a micro-batch starts with the same tokens (a system prompt, a fixed
+instruction) and none of them is a target, that prefix is fed once; each sample's remainder
+follows with position_ids continuing after it and attends to the one copy of the prefix and
+to itself. A causal model computes the same prefix activations for every sample, so this is
+the same forward and, through autograd summing the samples' gradients into the one copy, the
+same backward: only the repeated work goes (tests/unit/test_packing.py compares logits and
+gradients with the unshared batch).
+
 Loss masking: the first token of every sample gets label -100. Unpacked, that token is never a
 target (labels shift left by one); packed, it would otherwise be predicted from the previous
 sample's last token.
@@ -109,6 +118,16 @@ def epoch_batches(
 # collation: tensors for one micro-batch
 
 
+def collate_mode(packing: bool, attention: str) -> str:
+    """The trainer's collate mode: packed micro-batches share their common prompt prefix where
+    our varlen attention runs (flash-attention's varlen kernels take sequence starts from
+    position_ids, which the shared layout does not restart at every sample); unpacked ones
+    are padded."""
+    if not packing:
+        return "padded"
+    return "shared" if attention == VARLEN else "flat"
+
+
 @dataclass
 class Batch:
     """Model inputs for one micro-batch plus what the loop needs to account for it."""
@@ -139,11 +158,15 @@ def collate(
     sample boundaries (``kubetune_segments``) for :func:`varlen_attention`: zero padding.
     mode ``rows``: one row per packed row, right-padded to the longest; the padding is its own
     "sample" (position_ids from 0, label -100), so no mask is needed and nothing leaks.
+    mode ``shared``: ``flat`` with the micro-batch's common prompt prefix fed once
+    (:func:`shared_prefix`; ``kubetune_prefix`` is its length, 0 when there is none).
     mode ``padded``: classic one-sample-per-row with dynamic padding and a 2D attention mask
     (only for packing=false: a mask is correct there because each row holds one sample).
     """
-    if mode not in ("flat", "rows", "padded"):
+    if mode not in ("flat", "shared", "rows", "padded"):
         raise ValueError(f"unknown collate mode {mode!r}")
+    if mode == "shared":
+        return _collate_shared(samples, [i for row in rows for i in row])
     seqs: list[tuple[list[int], list[int], list[int], list[int]]] = []
     for row in rows:
         ids: list[int] = []
@@ -191,6 +214,52 @@ def collate(
     return Batch(inputs, targets, real, len(seqs) * width)
 
 
+def shared_prefix(samples: Sequence[EncodedLike]) -> int:
+    """Length of the prompt prefix every sample starts with and that can be fed once: common
+    token ids, no target among the labels it covers (positions 1..P: the logits at the prefix
+    positions predict them, and those logits are computed once for all samples), and at least
+    one token of every sample left after it. 0 for fewer than two samples."""
+    if len(samples) < 2:
+        return 0
+    first = list(samples[0].input_ids)
+    limit = min(len(s.input_ids) for s in samples) - 1
+    for sample in samples:
+        labels = sample.labels
+        # The first target position (label != -100 after position 0) bounds the prefix.
+        target = next((t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX), None)
+        if target is not None:
+            limit = min(limit, target - 1)
+    length = 0
+    while length < limit and all(s.input_ids[length] == first[length] for s in samples):
+        length += 1
+    return length
+
+
+def _collate_shared(samples: Sequence[EncodedLike], order: Sequence[int]) -> Batch:
+    chosen = [samples[i] for i in order]
+    prefix = shared_prefix(chosen)
+    ids: list[int] = list(chosen[0].input_ids[:prefix])
+    labels: list[int] = [IGNORE_INDEX] * prefix
+    positions: list[int] = list(range(prefix))
+    segments = [0, prefix] if prefix else [0]
+    for sample in chosen:
+        ids += list(sample.input_ids[prefix:])
+        labels += _sample_labels(sample)[prefix:]
+        positions += list(range(prefix, len(sample.input_ids)))
+        segments.append(len(ids))
+    real = sum(len(s.input_ids) for s in chosen)
+    targets = sum(1 for x in labels if x != IGNORE_INDEX)
+    inputs = {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+        "kubetune_segments": tuple(segments),
+        "kubetune_prefix": prefix,
+    }
+    # tokens and padded count the samples' own tokens: the throughput of the data trained on.
+    return Batch(inputs, targets, real, real)
+
+
 # ---------------------------------------------------------------------------------------------
 # attention whose cost grows with each sample's own length
 
@@ -227,24 +296,79 @@ def varlen_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     given = kwargs.get("kubetune_segments")
+    prefix = kwargs.get("kubetune_prefix") or 0
     if given is not None and query.shape[0] == 1:
         rows = [list(itertools.pairwise(given))]
     else:
-        rows = _segments(position_ids.expand(query.shape[0], -1))
+        rows, prefix = _segments(position_ids.expand(query.shape[0], -1)), 0
     gqa = query.shape[1] != key.shape[1]
-    out = torch.empty_like(query)
-    for r, bounds in enumerate(rows):
-        for start, end in bounds:
-            out[r : r + 1, :, start:end] = F.scaled_dot_product_attention(
-                query[r : r + 1, :, start:end],
-                key[r : r + 1, :, start:end],
-                value[r : r + 1, :, start:end],
-                is_causal=True,
-                dropout_p=dropout if module.training else 0.0,
+    drop = dropout if module.training else 0.0
+    if prefix:
+        return _attend_after_prefix(query, key, value, rows[0], prefix, scaling, drop, gqa), None
+    # Each sample's output is a [1, length, heads, dim] view, joined by one cat: writing them
+    # into slices of one tensor would cost a full-size copy per sample in the backward.
+    out = torch.cat(
+        [
+            torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        query[r : r + 1, :, start:end],
+                        key[r : r + 1, :, start:end],
+                        value[r : r + 1, :, start:end],
+                        is_causal=True,
+                        dropout_p=drop,
+                        scale=scaling,
+                        enable_gqa=gqa,
+                    ).transpose(1, 2)
+                    for start, end in bounds
+                ],
+                dim=1,
+            )
+            for r, bounds in enumerate(rows)
+        ]
+    )
+    return out, None
+
+
+def _attend_after_prefix(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    prefix: int,
+    scaling: float | None,
+    dropout: float,
+    gqa: bool,
+) -> torch.Tensor:
+    """Shared-prefix layout (mode ``shared``): bounds[0] is the prefix [0, prefix), causal
+    over itself; every later segment sees all of the prefix and itself causally."""
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[:, :, :prefix],
+            key[:, :, :prefix],
+            value[:, :, :prefix],
+            is_causal=True,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=gqa,
+        ).transpose(1, 2)
+    ]
+    for start, end in bounds[1:]:
+        length = end - start
+        # Row i (position prefix + i) sees every prefix column and its own columns <= i.
+        allowed = torch.ones(length, prefix + length, dtype=torch.bool, device=query.device)
+        pieces.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                torch.cat((key[:, :, :prefix], key[:, :, start:end]), dim=2),
+                torch.cat((value[:, :, :prefix], value[:, :, start:end]), dim=2),
+                attn_mask=allowed.tril_(prefix),
+                dropout_p=dropout,
                 scale=scaling,
                 enable_gqa=gqa,
-            )
-    return out.transpose(1, 2).contiguous(), None
+            ).transpose(1, 2)
+        )
+    return torch.cat(pieces, dim=1)
 
 
 def _varlen_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
