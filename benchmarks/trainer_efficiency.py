@@ -296,7 +296,7 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
         max_len=max_len,
         pad_id=tokenizer.pad_token_id,
         device=torch.device("cpu"),
-        collate_mode=packing.collate_mode(True, attention),  # what the trainer picks
+        collate_mode=packing.collate_mode(True, attention, model),  # what the trainer picks
     )
     plan = train.make_plan([len(r.input_ids) for r in data], spec, max_len, train.World())
     optimizer, scheduler = train.build_optimizer(model, spec, plan.total_steps)

@@ -213,3 +213,17 @@ def test_shared_prefix_logits_and_gradients_equal_the_unshared_batch(model: Any)
         model.set_attn_implementation("sdpa")
     for name, grad in grads["flat"].items():
         torch.testing.assert_close(grads["shared"][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_prefix_is_shared_only_without_dropout(model: Any) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    assert packing.collate_mode(True, packing.VARLEN, model) == "shared"
+    assert packing.collate_mode(True, "flash_attention_2", model) == "flat"
+    assert packing.collate_mode(False, packing.VARLEN, model) == "padded"
+    for dropout, mode in ((0.0, "shared"), (0.05, "flat")):
+        config = LoraConfig(r=2, lora_dropout=dropout, target_modules=["q_proj"])
+        tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(DEMO), config)
+        assert packing.collate_mode(True, packing.VARLEN, tuned) == mode
+    dropping = AutoModelForCausalLM.from_pretrained(DEMO, attention_dropout=0.1)
+    assert packing.collate_mode(True, packing.VARLEN, dropping) == "flat"

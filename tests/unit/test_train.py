@@ -167,15 +167,15 @@ def test_loss_curve_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_validation_loss_is_the_same_packed_or_padded() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _quickstart_samples(count: int) -> list[Any]:
+    """The first ``count`` quickstart rows, encoded with the demo model's chat template."""
+    from transformers import AutoTokenizer
 
-    from kubetune_trainer import packing
     from kubetune_trainer.data import Example, encode
 
     tokenizer = AutoTokenizer.from_pretrained(tr.DEMO_MODEL)
-    rows = [json.loads(line) for line in tr.QUICKSTART.read_text().splitlines()[:20]]
-    samples = [
+    rows = [json.loads(line) for line in tr.QUICKSTART.read_text().splitlines()[:count]]
+    return [
         encode(
             Example(
                 id=str(i),
@@ -190,9 +190,24 @@ def test_validation_loss_is_the_same_packed_or_padded() -> None:
         )
         for i, r in enumerate(rows)
     ]
+
+
+def test_validation_loss_is_the_same_packed_or_padded() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubetune_trainer import packing
+
+    tokenizer = AutoTokenizer.from_pretrained(tr.DEMO_MODEL)
+    samples = _quickstart_samples(20)
     model = AutoModelForCausalLM.from_pretrained(tr.DEMO_MODEL, use_safetensors=True)
     losses = {}
-    for mode, attention in (("flat", packing.VARLEN), ("rows", "sdpa"), ("padded", "sdpa")):
+    modes = (
+        ("flat", packing.VARLEN),
+        ("shared", packing.VARLEN),
+        ("rows", "sdpa"),
+        ("padded", "sdpa"),
+    )
+    for mode, attention in modes:
         model_stage.set_attention(model, attention)
         setup = train.Setup(
             model=model,
@@ -207,8 +222,59 @@ def test_validation_loss_is_the_same_packed_or_padded() -> None:
         )
         losses[mode] = train.validation_loss(setup)
     assert losses["flat"] is not None
+    assert losses["shared"] == pytest.approx(losses["flat"], rel=1e-5)
     assert losses["rows"] == pytest.approx(losses["flat"], rel=1e-5)
     assert losses["padded"] == pytest.approx(losses["flat"], rel=1e-5)
+
+
+def test_sharing_the_prompt_prefix_trains_the_same_run() -> None:
+    """Not one batch but a run: optimizer steps with gradient accumulation, the loss normalized
+    by each step's targets, on quickstart rows (they share the chat template's and the
+    instruction's opening). Flat and shared give the same losses step by step and the same
+    adapter weights, up to float rounding."""
+    from kubetune_trainer import packing
+
+    spec = api.FineTuneJobSpec.model_validate(
+        tr.spec_dict(
+            Path("x.jsonl"),
+            Path("out"),
+            maxSteps=8,
+            batchSize=4,
+            gradientAccumulationSteps=2,
+            learningRate=2e-3,
+        )
+        | {"method": {"type": "lora", "lora": {"r": 4, "dropout": 0.0}}}
+    )
+    runs = {}
+    for mode in ("flat", "shared"):
+        torch.manual_seed(0)
+        base = model_stage.load_base(tr.DEMO_MODEL, spec, torch.device("cpu"))
+        model = model_stage.apply_method(base, spec)
+        model_stage.set_attention(model, packing.VARLEN)
+        rows = _quickstart_samples(64)
+        assert packing.shared_prefix(rows[:4]) > 0  # the case under test
+        plan = train.make_plan([len(r.input_ids) for r in rows], spec.training, 128, train.World())
+        optimizer, scheduler = train.build_optimizer(model, spec.training, plan.total_steps)
+        setup = train.Setup(
+            model=model,
+            core=model,
+            train=rows,
+            validation=[],
+            spec=spec.training,
+            max_len=128,
+            pad_id=0,
+            device=torch.device("cpu"),
+            collate_mode=mode,
+        )
+        state = train.train(
+            setup, optimizer, scheduler, train.TrainState(), plan, log=lambda _: None
+        )
+        weights = model_stage.trainable_parameters(model)
+        runs[mode] = ([h["loss"] for h in state.history if "loss" in h], weights)
+    (flat, flat_w), (shared, shared_w) = runs["flat"], runs["shared"]
+    assert len(flat) == 8 and shared == pytest.approx(flat, rel=1e-5)
+    for name, value in flat_w.items():
+        torch.testing.assert_close(shared_w[name], value, rtol=1e-4, atol=1e-6)
 
 
 def _spec(**training: Any) -> api.FineTuneJobSpec:

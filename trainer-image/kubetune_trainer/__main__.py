@@ -412,7 +412,7 @@ def train_model(
         device=m.device,
         world=world,
         storage=output,
-        collate_mode=packing.collate_mode(spec.training.packing, attention),
+        collate_mode=packing.collate_mode(spec.training.packing, attention, m.model),
         fingerprint=prints,
         scratch=workdir,
     )

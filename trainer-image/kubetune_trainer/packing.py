@@ -13,14 +13,14 @@ into one sequence (no padding at all, so linear layers see only real tokens) and
 per sample, so its cost grows with each sample's own length. On a GPU with flash-attention
 installed, flash_attention_2 does the same natively.
 
-Shared prompt prefixes (mode ``shared``, the trainer's default with :func:`varlen_attention`):
-when every sample of a micro-batch starts with the same tokens (a system prompt, a fixed
-instruction) and none of them is a target, that prefix is fed once; each sample's remainder
-follows with position_ids continuing after it and attends to the one copy of the prefix and
-to itself. A causal model computes the same prefix activations for every sample, so this is
-the same forward and, through autograd summing the samples' gradients into the one copy, the
-same backward: only the repeated work goes (tests/unit/test_packing.py compares logits and
-gradients with the unshared batch).
+Shared prompt prefixes (mode ``shared``, the trainer's default with :func:`varlen_attention`
+and no dropout): when every sample of a micro-batch starts with the same tokens (a system
+prompt, a fixed instruction) and none of them is a target, that prefix is fed once; each
+sample's remainder follows with position_ids continuing after it and attends to the one copy
+of the prefix and to itself. A causal model computes the same prefix activations for every
+sample, so this is the same forward and, through autograd summing the samples' gradients
+into the one copy, the same backward: only the repeated work goes (tests/unit/test_packing.py
+compares logits and gradients with the unshared batch).
 
 Loss masking: the first token of every sample gets label -100. Unpacked, that token is never a
 target (labels shift left by one); packed, it would otherwise be predicted from the previous
@@ -118,14 +118,23 @@ def epoch_batches(
 # collation: tensors for one micro-batch
 
 
-def collate_mode(packing: bool, attention: str) -> str:
+def collate_mode(packing: bool, attention: str, model: torch.nn.Module) -> str:
     """The trainer's collate mode: packed micro-batches share their common prompt prefix where
-    our varlen attention runs (flash-attention's varlen kernels take sequence starts from
-    position_ids, which the shared layout does not restart at every sample); unpacked ones
-    are padded."""
+    our varlen attention runs and nothing in the model drops out; unpacked ones are padded.
+    flash-attention's varlen kernels take sequence starts from position_ids, which the shared
+    layout does not restart at every sample. Dropout (LoRA's, or the model's own) would draw one
+    mask for the prefix that every sample then shares, where unshared each sample draws its own:
+    not the same training, so with dropout the prefix is fed per sample."""
     if not packing:
         return "padded"
-    return "shared" if attention == VARLEN else "flat"
+    return "shared" if attention == VARLEN and not _drops_out(model) else "flat"
+
+
+def _drops_out(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 @dataclass
