@@ -396,9 +396,10 @@ def train_model(
     state = resumed.state or train_stage.TrainState()
     if resumed.uri:
         log(f"  resumed from {resumed.uri} (step {state.step}/{plan.total_steps})")
+    layout = packing.collate_mode(spec.training.packing, attention, m.model)
     log(
         f"  {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), packing "
-        f"{spec.training.packing}, attention {attention}, "
+        f"{spec.training.packing} ({packing.LAYOUTS[layout]}), attention {attention}, "
         f"{len(train_rows)} train rows ({train_cut} truncated)"
     )
     setup = train_stage.Setup(
@@ -412,7 +413,7 @@ def train_model(
         device=m.device,
         world=world,
         storage=output,
-        collate_mode=packing.collate_mode(spec.training.packing, attention, m.model),
+        collate_mode=layout,
         fingerprint=prints,
         scratch=workdir,
     )

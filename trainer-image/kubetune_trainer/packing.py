@@ -118,6 +118,15 @@ def epoch_batches(
 # collation: tensors for one micro-batch
 
 
+# What each collate mode means, for the trainer's log.
+LAYOUTS = {
+    "shared": "each micro-batch's common prompt prefix fed once",
+    "flat": "every sample fed whole",
+    "rows": "rows padded to the longest",
+    "padded": "one sample per row, padded",
+}
+
+
 def collate_mode(packing: bool, attention: str, model: torch.nn.Module) -> str:
     """The trainer's collate mode: packed micro-batches share their common prompt prefix where
     our varlen attention runs and nothing in the model drops out; unpacked ones are padded.
