@@ -168,28 +168,16 @@ def test_loss_curve_png(tmp_path: Path) -> None:
 
 
 def _quickstart_samples(count: int) -> list[Any]:
-    """The first ``count`` quickstart rows, encoded with the demo model's chat template."""
+    """The first ``count`` quickstart rows, parsed and encoded as the trainer does."""
     from transformers import AutoTokenizer
 
-    from kubetune_trainer.data import Example, encode
+    from kubetune_trainer.data import Example, encode, parse_row
 
     tokenizer = AutoTokenizer.from_pretrained(tr.DEMO_MODEL)
-    rows = [json.loads(line) for line in tr.QUICKSTART.read_text().splitlines()[:count]]
-    return [
-        encode(
-            Example(
-                id=str(i),
-                row=i + 1,
-                messages=(
-                    ("user", r["instruction"] + "\n\n" + r["input"]),
-                    ("assistant", r["output"]),
-                ),
-            ),
-            tokenizer,
-            128,
-        )
-        for i, r in enumerate(rows)
-    ]
+    lines = tr.QUICKSTART.read_text().splitlines()[:count]
+    examples = [parse_row(i + 1, json.loads(line), "alpaca", {}) for i, line in enumerate(lines)]
+    assert all(isinstance(e, Example) for e in examples), examples
+    return [encode(e, tokenizer, 128) for e in examples if isinstance(e, Example)]
 
 
 def test_validation_loss_is_the_same_packed_or_padded() -> None:
