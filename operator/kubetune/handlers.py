@@ -214,39 +214,36 @@ class Operator:
                 problems = api.format_errors(error)
             if not problems:
                 planned, refusal = await self.plan(job)
-            children = None
-            if not problems and (refusal is None or planned is None):
-                try:
-                    children = await self.ensure_children(job, uid)
-                except ChildRefused as error:
-                    problems = [str(error)]
-                else:
-                    if children is None:
-                        return
             if problems:
                 new = st.invalid(problems, generation=generation, now=now)
             elif refusal is not None and planned is not None:
                 new = st.does_not_fit(refusal, planned, generation=generation, now=now)
             else:
-                assert children is not None
-                created = st.created(
-                    old,
-                    job_name=children.job["metadata"]["name"],
-                    suspended=job.spec.suspend,
-                    generation=generation,
-                    now=now,
-                )
-                # What the timer will compute from the new Job, so that its first tick has
-                # nothing to write (one status write fewer per job).
-                new = st.compute(
-                    previous=created.model_copy(update={"plan": planned}),
-                    generation=generation,
-                    spec=job.spec,
-                    job=children.job,
-                    pods=[],
-                    live=None,
-                    now=now,
-                )
+                try:
+                    children = await self.ensure_children(job, uid)
+                except ChildRefused as error:
+                    new = st.invalid([str(error)], generation=generation, now=now)
+                else:
+                    if children is None:
+                        return
+                    created = st.created(
+                        old,
+                        job_name=children.job["metadata"]["name"],
+                        suspended=job.spec.suspend,
+                        generation=generation,
+                        now=now,
+                    )
+                    # What the timer will compute from the new Job, so that its first tick has
+                    # nothing to write (one status write fewer per job).
+                    new = st.compute(
+                        previous=created.model_copy(update={"plan": planned}),
+                        generation=generation,
+                        spec=job.spec,
+                        job=children.job,
+                        pods=[],
+                        live=None,
+                        now=now,
+                    )
             _write(patch, old, new)
             if new.phase == "Failed":
                 reason = st.DOES_NOT_FIT if refusal else st.SPEC_INVALID
