@@ -121,24 +121,14 @@ HELD_OUT = 16  # rows scored for the loss after training (none of them is traine
 def _examples(count: int, held_out: bool) -> list[Any]:
     """Training rows (held_out False: the first `count`) or the HELD_OUT scoring rows (the
     synthetic generator's seed 1, or the last rows of --data), as the trainer parses them."""
-    from kubetune_trainer.data import Example, parse_row
+    from kubetune_trainer.data import parse_row
 
     if DATA is None:
-        rows = make_rows(count, 1 if held_out else 0)
-        return [
-            Example(
-                id=str(i),
-                row=i + 1,
-                messages=(
-                    ("user", row["instruction"] + "\n\n" + row["input"]),
-                    ("assistant", row["output"]),
-                ),
-            )
-            for i, row in enumerate(rows)
-        ]
-    lines = [line for line in DATA.read_text().splitlines() if line.strip()]
-    chosen = lines[-count:] if held_out else lines[:count]
-    examples = [parse_row(i + 1, json.loads(line), "alpaca", {}) for i, line in enumerate(chosen)]
+        rows: list[Any] = make_rows(count, 1 if held_out else 0)
+    else:
+        lines = [line for line in DATA.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (lines[-count:] if held_out else lines[:count])]
+    examples = [parse_row(i + 1, row, "alpaca", {}) for i, row in enumerate(rows)]
     bad = [e for e in examples if isinstance(e, str)]
     if bad:
         raise SystemExit(f"error: --data {DATA}: {bad[0]}")
@@ -259,9 +249,49 @@ def held_out_loss(model: Any, max_len: int) -> float:
     return loss_sum / max(tokens, 1)
 
 
-def clock(wall: list[float], cpu: list[float]) -> None:
-    wall.append(time.monotonic())
-    cpu.append(time.process_time())
+class Clock:
+    """Wall-clock and CPU time from the start of model loading and at the end of every
+    optimizer step."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.steps: list[float] = []
+        self.cpu: list[float] = []
+
+    def tick(self, *_: Any) -> None:
+        self.steps.append(time.monotonic())
+        self.cpu.append(time.process_time())
+
+    def callback(self) -> Any:
+        """The same clock as a transformers TrainerCallback (the Trainer-based contenders)."""
+        from transformers import TrainerCallback
+
+        tick = self.tick
+
+        class StepEnd(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                tick()
+
+        return StepEnd()
+
+
+def measured(
+    model: Any, max_len: int, data: list[Any], fed_tokens: int, clock: Clock, counter: FlopCounter
+) -> dict[str, float]:
+    """One contender's figures after its epoch (the FLOP count stops before the held-out
+    loss runs)."""
+    flops, steps = counter.done(), clock.steps
+    return {
+        **flops,
+        "loss": held_out_loss(model, max_len),
+        "real_tokens": sum(len(r.input_ids) for r in data),
+        "fed_tokens": fed_tokens,
+        "seconds": steps[-1] - clock.start,
+        "train_seconds": steps[-1] - steps[0],
+        "train_cpu_seconds": clock.cpu[-1] - clock.cpu[0],
+        "first_step_seconds": steps[0] - clock.start,
+        "steps": len(steps),
+    }
 
 
 def peak_rss_mib() -> float:
@@ -280,7 +310,7 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
     from kubetune_trainer import packing, train
 
     tokenizer, data = encoded_rows(rows, False, max_len)
-    start = time.monotonic()
+    clock = Clock()
     model = lora_model()
     attention = model_stage.attention_for(torch.device("cpu"))
     model_stage.set_attention(model, attention)
@@ -300,8 +330,6 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
     )
     plan = train.make_plan([len(r.input_ids) for r in data], spec, max_len, train.World())
     optimizer, scheduler = train.build_optimizer(model, spec, plan.total_steps)
-    steps: list[float] = []
-    cpu: list[float] = []
     counter = FlopCounter(model)
     train.train(
         setup,
@@ -309,35 +337,24 @@ def run_kubetune(rows: int, max_len: int) -> dict[str, float]:
         scheduler,
         train.TrainState(),
         plan,
-        progress=lambda entry: clock(steps, cpu),
+        progress=clock.tick,
         log=lambda line: None,
     )
-    flops = counter.done()
-    real = sum(len(r.input_ids) for r in data)
-    return {
-        **flops,
-        "loss": held_out_loss(model, max_len),
-        "real_tokens": real,
-        "fed_tokens": real,  # flat micro-batches: nothing but real tokens
-        "seconds": steps[-1] - start,
-        "train_seconds": steps[-1] - steps[0],
-        "train_cpu_seconds": cpu[-1] - cpu[0],
-        "first_step_seconds": steps[0] - start,
-        "steps": len(steps),
-    }
+    # Packed micro-batches carry nothing but real tokens.
+    fed = sum(len(r.input_ids) for r in data)
+    return measured(model, max_len, data, fed, clock, counter)
 
 
 def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
     from transformers import (
         DataCollatorForSeq2Seq,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
     tokenizer, data = encoded_rows(rows, False, max_len)
     features = [{"input_ids": r.input_ids, "labels": r.labels} for r in data]
-    start = time.monotonic()
+    clock = Clock()
     model = lora_model()
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     fed = {"tokens": 0}
@@ -346,14 +363,6 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
         out = pad(batch)
         fed["tokens"] += int(out["input_ids"].numel())
         return out
-
-    steps: list[float] = []
-    cpu: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            steps.append(time.monotonic())
-            cpu.append(time.process_time())
 
     extra: dict[str, Any] = {"train_sampling_strategy": "group_by_length"} if grouped else {}
     arguments = TrainingArguments(
@@ -378,23 +387,11 @@ def run_hf(rows: int, max_len: int, grouped: bool) -> dict[str, float]:
         args=arguments,
         train_dataset=features,
         data_collator=collate,
-        callbacks=[Clock()],
+        callbacks=[clock.callback()],
     )
     counter = FlopCounter(model)
     trainer.train()
-    flops = counter.done()
-    real = sum(len(r.input_ids) for r in data)
-    return {
-        **flops,
-        "loss": held_out_loss(model, max_len),
-        "real_tokens": real,
-        "fed_tokens": fed["tokens"],
-        "seconds": steps[-1] - start,
-        "train_seconds": steps[-1] - steps[0],
-        "train_cpu_seconds": cpu[-1] - cpu[0],
-        "first_step_seconds": steps[0] - start,
-        "steps": len(steps),
-    }
+    return measured(model, max_len, data, fed["tokens"], clock, counter)
 
 
 def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
@@ -408,18 +405,8 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
             for r in data
         ]
     )
-    start = time.monotonic()
+    clock = Clock()
     model = lora_model()
-    steps: list[float] = []
-    cpu: list[float] = []
-
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            steps.append(time.monotonic())
-            cpu.append(time.process_time())
-
     mode: dict[str, Any] = (
         {"packing": True, "packing_strategy": "bfd"} if packed else {"padding_free": True}
     )
@@ -448,7 +435,7 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[Clock()],
+        callbacks=[clock.callback()],
     )
     fed = {"tokens": 0}
     inner = trainer.data_collator
@@ -461,19 +448,7 @@ def run_trl(rows: int, max_len: int, packed: bool) -> dict[str, float]:
     trainer.data_collator = collate
     counter = FlopCounter(model)
     trainer.train()
-    flops = counter.done()
-    real = sum(len(r.input_ids) for r in data)
-    return {
-        **flops,
-        "loss": held_out_loss(model, max_len),
-        "real_tokens": real,
-        "fed_tokens": fed["tokens"],
-        "seconds": steps[-1] - start,
-        "train_seconds": steps[-1] - steps[0],
-        "train_cpu_seconds": cpu[-1] - cpu[0],
-        "first_step_seconds": steps[0] - start,
-        "steps": len(steps),
-    }
+    return measured(model, max_len, data, fed["tokens"], clock, counter)
 
 
 def child(contender: str, rows: int, max_len: int, threads: int, shape: list[int]) -> None:
