@@ -156,6 +156,10 @@ class Served:
     target: str = ""
     error: str | None = None
 
+    def log(self, workdir: Path) -> Path:
+        """Where its engine's output goes."""
+        return workdir / f"engine-{self.label.replace(' ', '_').replace(',', '')}.log"
+
 
 def measure(
     config: api.TrainerConfig,
@@ -261,18 +265,15 @@ def main() -> int:
         runs: dict[str, list[list[api.StagingResults]]] = {}
         try:
             for e in engines:
-                log = workdir / f"engine-{e.label.replace(' ', '_').replace(',', '')}.log"
                 print(f"[bench] vllm serve {' '.join(e.args)}", file=sys.stderr, flush=True)
-                e.process, e.target = start(e.args, log)
+                e.process, e.target = start(e.args, e.log(workdir))
             for e in engines:
                 assert e.process is not None
                 process = e.process
                 try:
                     staging.wait_ready(e.target, 1200, alive=lambda p=process: p.poll() is None)
                 except InfraError:
-                    e.error = error_line(
-                        workdir / f"engine-{e.label.replace(' ', '_').replace(',', '')}.log"
-                    )
+                    e.error = error_line(e.log(workdir))
                     print(f"[bench] {e.label}: {e.error}", file=sys.stderr, flush=True)
                     stop(process)
                     continue
