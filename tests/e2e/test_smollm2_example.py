@@ -6,9 +6,10 @@ Also checks that the forgetting measurement ran: OOD perplexity (examples/data/o
 for base and tuned, and that the README's table for this example is what the run prints (the
 CPU run is deterministic: a fresh run reproduced a resumed one digit for digit).
 
-Marker real_model, not in CI: one run takes 3 min 41 s on 2 quiet cores (6.7 min of CPU), far
-longer on shared ones (README). Run it with `python -m pytest -m real_model` after
-scripts/get-smollm2.sh (skipped, with that reason, when the model file is missing)."""
+Marker real_model, in CI (.ci/run fetches the model first): one run takes 3 min 14 s on 2 quiet
+cores (5.7 min of CPU), far longer on shared ones (README). Alone: `python -m pytest -m
+real_model` after scripts/get-smollm2.sh (a missing model file fails the test, naming the
+script)."""
 
 from __future__ import annotations
 
