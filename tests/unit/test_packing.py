@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kubetune_trainer import packing
+from kubetune_trainer import packing, train
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo-model"
 
@@ -198,15 +198,8 @@ def test_shared_prefix_logits_and_gradients_equal_the_unshared_batch(model: Any)
         grads = {}
         for mode in ("flat", "shared"):
             batch = packing.collate(samples, [[0, 1, 2]], pad_id=0, mode=mode)
-            inputs = dict(batch.inputs)
-            labels = inputs.pop("labels")[0]
             model.zero_grad(set_to_none=True)
-            out = model(**inputs, use_cache=False).logits[0]
-            keep = labels[1:] != -100
-            loss = torch.nn.functional.cross_entropy(
-                out[:-1][keep], labels[1:][keep], reduction="sum"
-            )
-            loss.backward()
+            train._loss_sum(model, dict(batch.inputs)).backward()  # the trainer's own loss
             grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
     finally:
